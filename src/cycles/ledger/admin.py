@@ -1,0 +1,519 @@
+"""The admin plane as a Python API: tenants, budgets and their funding, API keys (PROTOCOL.md section 7).
+
+`tenant` on a call is the authenticated tenant of a tenant key (it may only touch its own budgets and keys);
+`tenant=None` is the admin. Like the runtime rules, each call is one store transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import string
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    BudgetExceeded,
+    BudgetFrozen,
+    DuplicateResource,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    TenantClosed,
+    Unauthorized,
+    UnitMismatch,
+)
+from ..models import (
+    DEFAULT_PERMISSIONS,
+    Amount,
+    ApiKey,
+    ApiKeyCreateRequest,
+    ApiKeyCreateResponse,
+    ApiKeyListResponse,
+    ApiKeyUpdateRequest,
+    BudgetCreateRequest,
+    BudgetFundingRequest,
+    BudgetFundingResponse,
+    BudgetLedger,
+    BudgetListResponse,
+    BudgetUpdateRequest,
+    SignedAmount,
+    Tenant,
+    TenantCreateRequest,
+    TenantListResponse,
+    TenantUpdateRequest,
+    Unit,
+)
+from ..scopes import format_scope, parse_scope
+from .rules import canonical_json, decode_cursor, encode_cursor, fingerprint, iso, new_id, parse, parse_time_ms
+from .store import ApiKeyRecord, BudgetRecord, TenantRecord, Transaction
+
+if TYPE_CHECKING:
+    from .rules import Ledger
+
+KEY_ALPHABET = string.ascii_letters + string.digits
+KEY_LIFETIME_MS = 365 * 24 * 3600 * 1000
+
+
+def hash_secret(secret: str) -> str:
+    """Key secrets carry 190 random bits, so a plain SHA-256 is safe to store and fast to look up."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def tenant_model(t: TenantRecord) -> Tenant:
+    return Tenant(
+        tenant_id=t.tenant_id,
+        name=t.name,
+        status=t.status,  # type: ignore[arg-type]
+        created_at=iso(t.created_at_ms),  # type: ignore[arg-type]
+        parent_tenant_id=t.parent_tenant_id,
+        default_commit_overage_policy=t.default_commit_overage_policy,  # type: ignore[arg-type]
+        default_reservation_ttl_ms=t.default_reservation_ttl_ms,
+        max_reservation_ttl_ms=t.max_reservation_ttl_ms,
+        max_reservation_extensions=t.max_reservation_extensions,
+        reservation_expiry_policy=t.reservation_expiry_policy,  # type: ignore[arg-type]
+        metadata=t.metadata,
+        updated_at=iso(t.updated_at_ms),
+        suspended_at=iso(t.suspended_at_ms),
+        closed_at=iso(t.closed_at_ms),
+    )
+
+
+def ledger_model(b: BudgetRecord) -> BudgetLedger:
+    u = b.unit
+    return BudgetLedger(
+        ledger_id=b.ledger_id,
+        tenant_id=b.tenant_id,
+        scope=b.scope,
+        scope_path=b.scope,
+        unit=u,  # type: ignore[arg-type]
+        allocated=Amount(unit=u, amount=b.allocated),  # type: ignore[arg-type]
+        remaining=SignedAmount(unit=u, amount=b.remaining),  # type: ignore[arg-type]
+        reserved=Amount(unit=u, amount=b.reserved),  # type: ignore[arg-type]
+        spent=Amount(unit=u, amount=b.spent),  # type: ignore[arg-type]
+        debt=Amount(unit=u, amount=b.debt),  # type: ignore[arg-type]
+        overdraft_limit=Amount(unit=u, amount=b.overdraft_limit),  # type: ignore[arg-type]
+        is_over_limit=b.is_over_limit,
+        commit_overage_policy=b.commit_overage_policy,  # type: ignore[arg-type]
+        status=b.status,  # type: ignore[arg-type]
+        rollover_policy=b.rollover_policy,  # type: ignore[arg-type]
+        period_start=b.period_start,
+        period_end=b.period_end,
+        created_at=iso(b.created_at_ms),  # type: ignore[arg-type]
+        updated_at=iso(b.updated_at_ms),
+    )
+
+
+def key_model(k: ApiKeyRecord) -> ApiKey:
+    return ApiKey(
+        key_id=k.key_id,
+        tenant_id=k.tenant_id,
+        key_prefix=k.key_prefix,
+        status=k.status,  # type: ignore[arg-type]
+        created_at=iso(k.created_at_ms),  # type: ignore[arg-type]
+        expires_at=iso(k.expires_at_ms),  # type: ignore[arg-type]
+        name=k.name,
+        description=k.description,
+        permissions=k.permissions,
+        scope_filter=k.scope_filter,
+        metadata=k.metadata,
+        revoked_at=iso(k.revoked_at_ms),
+        revoked_reason=k.revoked_reason,
+    )
+
+
+class Admin:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    # ---------------------------------------------------------------------------------------------------- tenants
+    def create_tenant(self, request: TenantCreateRequest | Mapping[str, Any]) -> tuple[Tenant, bool]:
+        """Create a tenant; returns (tenant, created). The same request again returns the existing tenant."""
+        req = parse(TenantCreateRequest, request)
+        with self.ledger.begin() as (tx, now):
+            existing = tx.get_tenant(req.tenant_id)
+            fields = req.model_dump(exclude_none=True)
+            record = TenantRecord(**fields, created_at_ms=now, updated_at_ms=now)
+            if existing is not None:
+                same = all(getattr(existing, k) == getattr(record, k) for k in fields)
+                if not same:
+                    raise DuplicateResource(f"tenant {req.tenant_id!r} already exists with different settings")
+                return tenant_model(existing), False
+            if record.default_reservation_ttl_ms > record.max_reservation_ttl_ms:
+                raise InvalidRequest("default_reservation_ttl_ms exceeds max_reservation_ttl_ms")
+            tx.put_tenant(record)
+            return tenant_model(record), True
+
+    def get_tenant(self, tenant_id: str) -> Tenant:
+        with self.ledger.begin() as (tx, _now):
+            return tenant_model(self._tenant(tx, tenant_id))
+
+    def list_tenants(self, *, cursor: str | None = None, limit: int = 50) -> TenantListResponse:
+        after = decode_cursor(cursor, "tenants")[0] if cursor else None
+        with self.ledger.begin() as (tx, _now):
+            rows = tx.list_tenants(after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return TenantListResponse(
+            tenants=[tenant_model(t) for t in rows],
+            next_cursor=encode_cursor([rows[-1].tenant_id], "tenants") if more else None,
+            has_more=more,
+        )
+
+    def update_tenant(self, tenant_id: str, request: TenantUpdateRequest | Mapping[str, Any]) -> Tenant:
+        """Change settings or status. CLOSED is final and cascades: budgets closed, keys revoked, holds released."""
+        req = parse(TenantUpdateRequest, request)
+        with self.ledger.begin() as (tx, now):
+            t = self._tenant(tx, tenant_id)
+            changes = req.model_dump(exclude_none=True)
+            status = changes.pop("status", None)
+            if t.status == "CLOSED" and (changes or (status and status != "CLOSED")):
+                raise TenantClosed(f"tenant {tenant_id!r} is closed; closing is irreversible")
+            for name, value in changes.items():
+                setattr(t, name, value)
+            if t.default_reservation_ttl_ms > t.max_reservation_ttl_ms:
+                raise InvalidRequest("default_reservation_ttl_ms exceeds max_reservation_ttl_ms")
+            if status and status != t.status:
+                t.status = status
+                if status == "SUSPENDED":
+                    t.suspended_at_ms = now
+                elif status == "CLOSED":
+                    t.closed_at_ms = now
+                    self._close_cascade(tx, t, now)
+            t.updated_at_ms = now
+            tx.put_tenant(t)
+            return tenant_model(t)
+
+    def _close_cascade(self, tx: Transaction, t: TenantRecord, now: int) -> None:
+        for r in tx.active_reservations(t.tenant_id):
+            if r.budgeted_scopes:
+                tx.move(r.unit, r.budgeted_scopes, reserved=-r.estimate)
+            r.status, r.finalized_at_ms = "RELEASED", now
+            r.committed_metadata = {"release_reason": "tenant closed"}
+            tx.save_reservation(r)
+        after: tuple[str, str] | None = None
+        while rows := tx.list_budgets(tenant_id=t.tenant_id, after=after, limit=500):
+            for b in rows:
+                b.status, b.updated_at_ms = "CLOSED", now
+                tx.save_budget(b)
+            after = (rows[-1].scope, rows[-1].unit)
+        for k in tx.list_keys(t.tenant_id, None, 1_000_000):
+            if k.status == "ACTIVE":
+                k.status, k.revoked_at_ms, k.revoked_reason = "REVOKED", now, "tenant closed"
+                tx.save_key(k)
+
+    @staticmethod
+    def _tenant(tx: Transaction, tenant_id: str) -> TenantRecord:
+        t = tx.get_tenant(tenant_id)
+        if t is None:
+            raise NotFound(f"tenant {tenant_id!r} not found", details={"tenant_id": tenant_id})
+        return t
+
+    # ---------------------------------------------------------------------------------------------------- budgets
+    @staticmethod
+    def _scope(scope: str, tenant: str | None) -> tuple[str, str]:
+        """Canonical scope text and its tenant; a tenant key may only name its own tenant's scopes."""
+        fields = parse_scope(scope)
+        if "tenant" not in fields:
+            raise InvalidRequest(f"budget scope {scope!r} must be rooted at tenant:<id>")
+        if tenant is not None and fields["tenant"] != tenant:
+            raise Forbidden(f"scope {scope!r} belongs to another tenant")
+        return format_scope(fields), fields["tenant"]
+
+    def _budget(self, tx: Transaction, scope: str, unit: str | Unit, tenant: str | None) -> BudgetRecord:
+        scope, _owner = self._scope(scope, tenant)
+        unit = _unit(unit)
+        found = tx.get_budgets(unit, [scope])
+        if not found:
+            raise NotFound(f"no {unit} budget at {scope}", details={"scope": scope, "unit": unit})
+        return found[0]
+
+    def create_budget(
+        self, request: BudgetCreateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> BudgetLedger:
+        req = parse(BudgetCreateRequest, request)
+        scope, owner = self._scope(req.scope, tenant)
+        if req.tenant_id is not None and req.tenant_id != owner:
+            raise InvalidRequest(f"scope {scope!r} is not under tenant_id {req.tenant_id!r}")
+        for name, amount in (("allocated", req.allocated), ("overdraft_limit", req.overdraft_limit)):
+            if amount is not None and amount.unit != req.unit:
+                raise UnitMismatch(f"{name} is in {amount.unit}, the budget in {req.unit}")
+        with self.ledger.begin() as (tx, now):
+            t = tx.get_tenant(owner)
+            if t is not None and t.status == "CLOSED":
+                raise TenantClosed(f"tenant {owner!r} is closed")
+            if tx.get_budgets(req.unit, [scope]):
+                raise DuplicateResource(f"a {req.unit} budget already exists at {scope}")
+            b = BudgetRecord(
+                scope=scope,
+                unit=req.unit,
+                tenant_id=owner,
+                ledger_id=new_id("led_"),
+                allocated=req.allocated.amount,
+                overdraft_limit=req.overdraft_limit.amount if req.overdraft_limit else 0,
+                commit_overage_policy=req.commit_overage_policy,
+                rollover_policy=req.rollover_policy,
+                period_start=req.period_start,
+                period_end=req.period_end,
+                metadata=req.metadata,
+                created_at_ms=now,
+                updated_at_ms=now,
+            )
+            tx.insert_budget(b)
+            return ledger_model(b)
+
+    def get_budget(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
+        with self.ledger.begin() as (tx, _now):
+            return ledger_model(self._budget(tx, scope, unit, tenant))
+
+    def list_budgets(
+        self,
+        *,
+        tenant: str | None = None,
+        tenant_id: str | None = None,
+        scope_prefix: str | None = None,
+        unit: str | Unit | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> BudgetListResponse:
+        if tenant is not None and tenant_id is not None and tenant_id != tenant:
+            raise Forbidden(f"tenant_id {tenant_id!r} is not the authenticated tenant")
+        if not 1 <= limit <= 200:
+            raise InvalidRequest("limit must be between 1 and 200")
+        owner = tenant or tenant_id
+        unit_value = _unit(unit) if unit is not None else None
+        query_hash = canonical_json([owner, scope_prefix, unit_value])
+        after = decode_cursor(cursor, query_hash) if cursor else None
+        with self.ledger.begin() as (tx, _now):
+            rows = tx.list_budgets(
+                tenant_id=owner,
+                scope_prefix=scope_prefix,
+                unit=unit_value,
+                after=(after[0], after[1]) if after else None,
+                limit=limit + 1,
+            )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return BudgetListResponse(
+            ledgers=[ledger_model(b) for b in rows],
+            next_cursor=encode_cursor([rows[-1].scope, rows[-1].unit], query_hash) if more else None,
+            has_more=more,
+        )
+
+    def update_budget(
+        self,
+        scope: str,
+        unit: str | Unit,
+        request: BudgetUpdateRequest | Mapping[str, Any],
+        *,
+        tenant: str | None = None,
+    ) -> BudgetLedger:
+        req = parse(BudgetUpdateRequest, request)
+        with self.ledger.begin() as (tx, now):
+            b = self._budget(tx, scope, unit, tenant)
+            if req.overdraft_limit is not None:
+                if req.overdraft_limit.unit != b.unit:
+                    raise UnitMismatch(f"overdraft_limit is in {req.overdraft_limit.unit}, the budget in {b.unit}")
+                b.overdraft_limit = req.overdraft_limit.amount
+                if b.debt <= b.overdraft_limit and b.remaining >= 0:
+                    b.is_over_limit = False
+                elif b.debt > b.overdraft_limit:
+                    b.is_over_limit = True
+            if req.commit_overage_policy is not None:
+                b.commit_overage_policy = req.commit_overage_policy
+            if req.metadata is not None:
+                b.metadata = req.metadata
+            b.updated_at_ms = now
+            tx.save_budget(b)
+            return ledger_model(b)
+
+    def freeze(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
+        return self._set_status(scope, unit, "FROZEN", tenant)
+
+    def unfreeze(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
+        return self._set_status(scope, unit, "ACTIVE", tenant)
+
+    def _set_status(self, scope: str, unit: str | Unit, status: str, tenant: str | None) -> BudgetLedger:
+        with self.ledger.begin() as (tx, now):
+            b = self._budget(tx, scope, unit, tenant)
+            if b.status == "CLOSED":
+                raise DuplicateResource(f"budget {b.scope} is closed")
+            if b.status != status:
+                b.status, b.updated_at_ms = status, now
+                tx.save_budget(b)
+            return ledger_model(b)
+
+    def fund(
+        self,
+        scope: str,
+        unit: str | Unit,
+        request: BudgetFundingRequest | Mapping[str, Any],
+        *,
+        tenant: str | None = None,
+    ) -> BudgetFundingResponse:
+        """CREDIT, DEBIT, RESET, RESET_SPENT or REPAY_DEBT one ledger; idempotent when a key is given."""
+        req = parse(BudgetFundingRequest, request)
+        fp = fingerprint(req)
+        with self.ledger.begin() as (tx, now):
+            b = self._budget(tx, scope, unit, tenant)
+            endpoint = f"fund:{b.scope}:{b.unit}"
+            if req.idempotency_key is not None:
+                hit = self.ledger._replay(tx, b.tenant_id, endpoint, req.idempotency_key, fp, BudgetFundingResponse)
+                if hit is not None:
+                    return hit
+            if b.status != "ACTIVE":
+                raise BudgetFrozen(f"budget {b.scope} is {b.status}: funding is blocked", details={"scope": b.scope})
+            for name, amount in (("amount", req.amount), ("spent", req.spent)):
+                if amount is not None and amount.unit != b.unit:
+                    raise UnitMismatch(f"{name} is in {amount.unit}, the budget in {b.unit}")
+            before = (b.allocated, b.remaining, b.debt, b.spent)
+            a = req.amount.amount
+            if req.operation == "CREDIT":
+                b.allocated += a
+            elif req.operation == "DEBIT":
+                if a > b.remaining:
+                    raise BudgetExceeded(
+                        f"cannot debit {a} from {b.scope}: only {b.remaining} remaining",
+                        details={"scope": b.scope, "unit": b.unit, "requested": a, "remaining": b.remaining},
+                    )
+                b.allocated -= a
+            elif req.operation == "RESET":
+                b.allocated = a
+            elif req.operation == "RESET_SPENT":
+                b.allocated = a
+                b.spent = req.spent.amount if req.spent is not None else 0
+            elif req.operation == "REPAY_DEBT":
+                if a > b.debt:
+                    raise InvalidRequest(f"cannot repay {a}: the debt at {b.scope} is {b.debt}")
+                b.debt -= a
+            if b.allocated > 2**63 - 1:
+                raise InvalidRequest("allocated would exceed the int64 range")
+            if b.is_over_limit and b.debt <= b.overdraft_limit and b.remaining >= 0:
+                b.is_over_limit = False
+            b.updated_at_ms = now
+            tx.save_budget(b)
+            u = b.unit
+            response = BudgetFundingResponse(
+                operation=req.operation,
+                previous_allocated=Amount(unit=u, amount=before[0]),  # type: ignore[arg-type]
+                new_allocated=Amount(unit=u, amount=b.allocated),  # type: ignore[arg-type]
+                previous_remaining=SignedAmount(unit=u, amount=before[1]),  # type: ignore[arg-type]
+                new_remaining=SignedAmount(unit=u, amount=b.remaining),  # type: ignore[arg-type]
+                previous_debt=Amount(unit=u, amount=before[2]),  # type: ignore[arg-type]
+                new_debt=Amount(unit=u, amount=b.debt),  # type: ignore[arg-type]
+                previous_spent=Amount(unit=u, amount=before[3]),  # type: ignore[arg-type]
+                new_spent=Amount(unit=u, amount=b.spent),  # type: ignore[arg-type]
+                timestamp=iso(now),
+            )
+            if req.idempotency_key is not None:
+                self.ledger._remember(tx, b.tenant_id, endpoint, req.idempotency_key, fp, response)
+            return response
+
+    # --------------------------------------------------------------------------------------------------- api keys
+    def create_api_key(
+        self, request: ApiKeyCreateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> ApiKeyCreateResponse:
+        """A new key; its secret is in this response only (the store keeps a hash)."""
+        req = parse(ApiKeyCreateRequest, request)
+        if tenant is not None and req.tenant_id != tenant:
+            raise Forbidden("a tenant key may only create keys for its own tenant")
+        secret = "cyc_live_" + "".join(secrets.choice(KEY_ALPHABET) for _ in range(32))
+        with self.ledger.begin() as (tx, now):
+            t = tx.get_tenant(req.tenant_id)
+            if t is None:
+                raise NotFound(f"tenant {req.tenant_id!r} not found", details={"tenant_id": req.tenant_id})
+            if t.status == "CLOSED":
+                raise TenantClosed(f"tenant {req.tenant_id!r} is closed")
+            expires = parse_time_ms(req.expires_at, "expires_at") if req.expires_at else now + KEY_LIFETIME_MS
+            k = ApiKeyRecord(
+                key_id=new_id("key_"),
+                tenant_id=req.tenant_id,
+                key_hash=hash_secret(secret),
+                key_prefix=secret[:14],
+                name=req.name,
+                permissions=list(req.permissions if req.permissions is not None else DEFAULT_PERMISSIONS),
+                created_at_ms=now,
+                expires_at_ms=expires,  # type: ignore[arg-type]
+                description=req.description,
+                scope_filter=req.scope_filter,
+                metadata=req.metadata,
+            )
+            tx.insert_key(k)
+        return ApiKeyCreateResponse(
+            key_id=k.key_id,
+            key_secret=secret,
+            key_prefix=k.key_prefix,
+            tenant_id=k.tenant_id,
+            created_at=iso(k.created_at_ms),  # type: ignore[arg-type]
+            expires_at=iso(k.expires_at_ms),  # type: ignore[arg-type]
+            permissions=k.permissions,
+        )
+
+    def list_api_keys(
+        self, *, tenant: str | None = None, tenant_id: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> ApiKeyListResponse:
+        if tenant is not None and tenant_id is not None and tenant_id != tenant:
+            raise Forbidden(f"tenant_id {tenant_id!r} is not the authenticated tenant")
+        owner = tenant or tenant_id
+        after = decode_cursor(cursor, f"keys:{owner}")[0] if cursor else None
+        with self.ledger.begin() as (tx, _now):
+            rows = tx.list_keys(owner, after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return ApiKeyListResponse(
+            keys=[key_model(k) for k in rows],
+            next_cursor=encode_cursor([rows[-1].key_id], f"keys:{owner}") if more else None,
+            has_more=more,
+        )
+
+    def _key(self, tx: Transaction, key_id: str, tenant: str | None) -> ApiKeyRecord:
+        k = tx.get_key(key_id)
+        if k is None or (tenant is not None and k.tenant_id != tenant):
+            raise NotFound(f"api key {key_id!r} not found", details={"key_id": key_id})
+        return k
+
+    def update_api_key(
+        self, key_id: str, request: ApiKeyUpdateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> ApiKey:
+        req = parse(ApiKeyUpdateRequest, request)
+        with self.ledger.begin() as (tx, _now):
+            k = self._key(tx, key_id, tenant)
+            if k.status != "ACTIVE":
+                raise DuplicateResource(f"api key {key_id!r} is {k.status}")
+            for name, value in req.model_dump(exclude_none=True).items():
+                setattr(k, name, value)
+            tx.save_key(k)
+            return key_model(k)
+
+    def revoke_api_key(self, key_id: str, reason: str | None = None, *, tenant: str | None = None) -> ApiKey:
+        """Permanent. Revoking a revoked key again is a no-op."""
+        with self.ledger.begin() as (tx, now):
+            k = self._key(tx, key_id, tenant)
+            if k.status == "ACTIVE":
+                k.status, k.revoked_at_ms, k.revoked_reason = "REVOKED", now, reason
+                tx.save_key(k)
+            return key_model(k)
+
+    def authenticate(self, secret: str) -> ApiKeyRecord:
+        """The active key with this secret, or Unauthorized (unknown, revoked, expired, tenant not active)."""
+        if not secret or len(secret) > 256:
+            raise Unauthorized("missing or malformed API key")
+        digest = hash_secret(secret)
+        with self.ledger.begin() as (tx, now):
+            k = tx.get_key_by_hash(digest)
+            t = tx.get_tenant(k.tenant_id) if k is not None else None
+        if k is None or not hmac.compare_digest(k.key_hash, digest):
+            raise Unauthorized("invalid API key")
+        if k.status != "ACTIVE" or now > k.expires_at_ms:
+            raise Unauthorized(f"API key {k.key_prefix}... is {'expired' if k.status == 'ACTIVE' else k.status}")
+        if t is not None and t.status != "ACTIVE":
+            raise Unauthorized(f"tenant {k.tenant_id!r} is {t.status}")
+        return k
+
+
+def _unit(unit: str | Unit) -> str:
+    try:
+        return Unit(unit).value
+    except ValueError:
+        raise InvalidRequest(f"unknown unit {unit!r}: one of {', '.join(u.value for u in Unit)}") from None

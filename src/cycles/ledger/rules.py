@@ -1,0 +1,765 @@
+"""The Cycles v0 runtime rules, written once over any store.
+
+Every operation is one store transaction: sweep what has expired, replay or refuse a reused idempotency key, check,
+then write. An error raised anywhere inside rolls the whole transaction back, so a refused request changes nothing.
+Section numbers refer to PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ..amounts import format_amount
+from ..errors import (
+    BudgetClosed,
+    BudgetDenied,
+    BudgetExceeded,
+    BudgetFrozen,
+    DebtOutstanding,
+    Forbidden,
+    IdempotencyMismatch,
+    InvalidRequest,
+    MaxExtensionsExceeded,
+    NotFound,
+    OverdraftLimitExceeded,
+    ReservationExpired,
+    ReservationFinalized,
+    TenantClosed,
+    UnitMismatch,
+)
+from ..models import (
+    Amount,
+    Balance,
+    BalanceQuery,
+    BalanceResponse,
+    CommitRequest,
+    CommitResponse,
+    Decision,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    ReservationQuery,
+    SignedAmount,
+)
+from ..scopes import LEVELS, affected_scopes, format_scope
+from .store import BudgetRecord, EventRecord, ReservationFilter, ReservationRecord, Store, TenantRecord, Transaction
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_TTL_MS = 60_000
+DEFAULT_MAX_TTL_MS = 3_600_000
+DEFAULT_MAX_EXTENSIONS = 10
+SWEEP_BATCH = 500
+
+_DENIALS: dict[str, type[BudgetDenied]] = {
+    "BUDGET_EXCEEDED": BudgetExceeded,
+    "BUDGET_FROZEN": BudgetFrozen,
+    "BUDGET_CLOSED": BudgetClosed,
+    "OVERDRAFT_LIMIT_EXCEEDED": OverdraftLimitExceeded,
+    "DEBT_OUTSTANDING": DebtOutstanding,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+
+
+def parse(model: type[M], value: M | Mapping[str, Any]) -> M:
+    """Accept a model or a plain mapping; malformed input becomes INVALID_REQUEST listing what is wrong."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        raise InvalidRequest(f"invalid {model.__name__}: {text}", details={"errors": problems}) from None
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces: RFC 8785 for the integer-and-string payloads of this protocol."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(request: BaseModel) -> str:
+    payload = request.model_dump(mode="json", exclude_none=True, exclude={"idempotency_key"})
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time_ms(text: str | None, field: str) -> int | None:
+    """An ISO-8601 timestamp (or integer epoch ms) from a query string."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{field} must be an ISO-8601 timestamp, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def balance(b: BudgetRecord) -> Balance:
+    unit = b.unit
+    return Balance(
+        scope=b.scope,
+        scope_path=b.scope,
+        remaining=SignedAmount(unit=unit, amount=b.remaining),
+        reserved=Amount(unit=unit, amount=b.reserved),
+        spent=Amount(unit=unit, amount=b.spent),
+        allocated=Amount(unit=unit, amount=b.allocated),
+        debt=Amount(unit=unit, amount=b.debt),
+        overdraft_limit=Amount(unit=unit, amount=b.overdraft_limit),
+        is_over_limit=b.is_over_limit,
+    )
+
+
+def encode_cursor(position: Sequence[Any], query_hash: str) -> str:
+    raw = canonical_json({"p": list(position), "q": query_hash}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, query_hash: str) -> list[Any]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        position, cursor_hash = data["p"], data["q"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest("cursor is not one this server issued") from None
+    if cursor_hash != query_hash:
+        raise InvalidRequest("cursor belongs to a different query: filters, windows and sort must stay the same")
+    return position
+
+
+@dataclass(slots=True)
+class Denial:
+    reason_code: str
+    scope: str
+    budget: BudgetRecord | None
+    requested: int
+
+    def error(self, unit: str) -> BudgetDenied | NotFound:
+        b = self.budget
+        remaining = b.remaining if b is not None else 0
+        details = {
+            "scope": self.scope,
+            "unit": unit,
+            "requested": self.requested,
+            "remaining": remaining,
+            "reason_code": self.reason_code,
+        }
+        if self.reason_code == "BUDGET_NOT_FOUND":
+            return NotFound(f"no {unit} budget at any scope of {self.scope}", details=details)
+        if b is not None:
+            details.update(debt=b.debt, overdraft_limit=b.overdraft_limit, is_over_limit=b.is_over_limit)
+        message = (
+            f"{self.reason_code} at {self.scope}: requested {format_amount(unit, self.requested)}, "
+            f"remaining {format_amount(unit, remaining)}"
+        )
+        return _DENIALS.get(self.reason_code, BudgetExceeded)(message, details=details)
+
+
+class Ledger:
+    """The budget authority's runtime operations (reserve, commit, release, extend, decide, event, reads).
+
+    `tenant` on every call is the effective tenant (the API key's tenant over HTTP). A subject without a tenant uses
+    it; a subject naming another tenant is FORBIDDEN. `clock` returns epoch milliseconds; tests move it, production
+    leaves it to the store.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], int] | None = None,
+        default_tenant: str | None = None,
+    ) -> None:
+        from .admin import Admin  # admin operations share this ledger's store, clock and sweep
+
+        self.store = store
+        self.clock = clock
+        self.default_tenant = default_tenant
+        self.admin = Admin(self)
+
+    # ------------------------------------------------------------------------------------------- transactions
+    def _now(self, tx: Transaction) -> int:
+        return self.clock() if self.clock is not None else tx.now_ms()
+
+    @contextmanager
+    def begin(self) -> Iterator[tuple[Transaction, int]]:
+        """`with ledger.begin() as (tx, now)`: one store transaction, expired reservations already swept."""
+        with self.store.transaction() as tx:
+            now = self._now(tx)
+            self._sweep(tx, now)
+            yield tx, now
+
+    def sweep(self) -> int:
+        """Expire every reservation past expires_at + grace; returns how many. Servers call this on a timer."""
+        with self.store.transaction() as tx:
+            return self._sweep(tx, self._now(tx))
+
+    def _sweep(self, tx: Transaction, now: int) -> int:
+        total = 0
+        while due := tx.due_reservations(now, SWEEP_BATCH):
+            for r in due:
+                self._expire(tx, r)
+            total += len(due)
+            if len(due) < SWEEP_BATCH:
+                break
+        return total
+
+    def _expire(self, tx: Transaction, r: ReservationRecord) -> None:
+        r.status = "EXPIRED"
+        tx.save_reservation(r)
+        if r.budgeted_scopes:
+            tx.move(r.unit, r.budgeted_scopes, reserved=-r.estimate)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _subject(self, subject: BaseModel, tenant: str | None) -> dict[str, Any]:
+        fields = subject.model_dump(exclude_none=True)
+        effective = tenant or self.default_tenant
+        if "tenant" not in fields:
+            if effective is None:
+                raise InvalidRequest("subject has no tenant and no effective tenant is configured")
+            fields["tenant"] = effective
+        elif tenant is not None and fields["tenant"] != tenant:
+            raise Forbidden(f"subject.tenant {fields['tenant']!r} is not the authenticated tenant {tenant!r}")
+        return fields
+
+    @staticmethod
+    def _owned(tx: Transaction, reservation_id: str, tenant: str | None) -> ReservationRecord:
+        r = tx.get_reservation(reservation_id)
+        if r is None:
+            raise NotFound(f"reservation {reservation_id!r} not found", details={"reservation_id": reservation_id})
+        if tenant is not None and r.tenant != tenant:
+            raise Forbidden(f"reservation {reservation_id!r} belongs to another tenant")
+        return r
+
+    @staticmethod
+    def _replay(tx: Transaction, tenant: str, endpoint: str, key: str, fp: str, model: type[M]) -> M | None:
+        hit = tx.get_idempotent(tenant, endpoint, key)
+        if hit is None:
+            return None
+        if hit[0] != fp:
+            raise IdempotencyMismatch(
+                f"idempotency key {key!r} was already used with a different payload",
+                details={"idempotency_key": key},
+            )
+        return model.model_validate_json(hit[1])
+
+    @staticmethod
+    def _remember(tx: Transaction, tenant: str, endpoint: str, key: str, fp: str, response: BaseModel) -> None:
+        tx.put_idempotent(tenant, endpoint, key, fp, response.model_dump_json(exclude_none=True))
+
+    @staticmethod
+    def _tenant_open(tx: Transaction, tenant: str) -> TenantRecord | None:
+        t = tx.get_tenant(tenant)
+        if t is not None and t.status == "CLOSED":
+            raise TenantClosed(f"tenant {tenant!r} is closed", details={"tenant": tenant})
+        return t
+
+    @staticmethod
+    def _live(r: ReservationRecord, now: int, *, grace: bool = True) -> None:
+        """Refuse finalized or expired reservations (commit/release allow the grace window, extend does not)."""
+        if r.status in ("COMMITTED", "RELEASED"):
+            raise ReservationFinalized(
+                f"reservation {r.reservation_id} is already {r.status}", details={"status": r.status}
+            )
+        deadline = r.expires_at_ms + (r.grace_ms if grace else 0)
+        if r.status == "EXPIRED" or now > deadline:
+            raise ReservationExpired(
+                f"reservation {r.reservation_id} expired at {iso(r.expires_at_ms)}",
+                details={"expires_at_ms": r.expires_at_ms},
+            )
+
+    def _evaluate(
+        self, tx: Transaction, unit: str, scopes: list[str], estimate: int, *, blocking: bool = True
+    ) -> tuple[list[BudgetRecord], Denial | None]:
+        """Check every budgeted scope, root first (§4 order): frozen, closed, over limit, debt, remaining.
+
+        `blocking=False` (events) skips the debt and over-limit checks, which do not block direct debits.
+        """
+        budgets = tx.get_budgets(unit, scopes)
+        if not budgets:
+            units = tx.budget_units(scopes)
+            if units:
+                raise UnitMismatch(
+                    f"no {unit} budget at {scopes[-1]} or above; budgets there are in {', '.join(units)}",
+                    details={"scope": scopes[-1], "requested_unit": unit, "expected_units": units},
+                )
+            return budgets, Denial("BUDGET_NOT_FOUND", scopes[-1], None, estimate)
+        budgets.sort(key=lambda b: len(b.scope))  # prefixes of one path: shorter is higher
+        for b in budgets:
+            if b.status == "FROZEN":
+                return budgets, Denial("BUDGET_FROZEN", b.scope, b, estimate)
+            if b.status == "CLOSED":
+                return budgets, Denial("BUDGET_CLOSED", b.scope, b, estimate)
+            if blocking:
+                if b.is_over_limit:
+                    return budgets, Denial("OVERDRAFT_LIMIT_EXCEEDED", b.scope, b, estimate)
+                if b.debt > 0 and b.overdraft_limit == 0:
+                    return budgets, Denial("DEBT_OUTSTANDING", b.scope, b, estimate)
+                if b.remaining < estimate:
+                    return budgets, Denial("BUDGET_EXCEEDED", b.scope, b, estimate)
+        return budgets, None
+
+    @staticmethod
+    def _move(
+        tx: Transaction, budgets: list[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0
+    ) -> None:
+        """Apply the same deltas to every budget, in the store (one write) and in memory (for the response)."""
+        if not budgets:
+            return
+        tx.move(budgets[0].unit, [b.scope for b in budgets], reserved=reserved, spent=spent, debt=debt)
+        for b in budgets:
+            b.reserved += reserved
+            b.spent += spent
+            b.debt += debt
+
+    @staticmethod
+    def _flag_over_limit(tx: Transaction, budgets: list[BudgetRecord]) -> None:
+        if budgets:
+            tx.set_over_limit(budgets[0].unit, [b.scope for b in budgets], True)
+            for b in budgets:
+                b.is_over_limit = True
+
+    def _charge(
+        self,
+        tx: Transaction,
+        budgets: list[BudgetRecord],
+        *,
+        held: int,
+        overage: int,
+        policy: str,
+    ) -> int:
+        """Turn a hold of `held` into spend, plus `overage` beyond it, under an overage policy (§4, §9).
+
+        Returns what was charged. REJECT is decided by the caller (commit and event differ).
+        """
+        if overage == 0 or all(b.remaining >= overage for b in budgets):
+            self._move(tx, budgets, reserved=-held, spent=held + overage)
+            return held + overage
+        short = [b for b in budgets if b.remaining < overage]
+        if policy == "ALLOW_WITH_OVERDRAFT" and all(b.overdraft_limit > 0 for b in short):
+            for b in short:
+                deficit = overage - max(b.remaining, 0)
+                if b.debt + deficit > b.overdraft_limit:
+                    raise OverdraftLimitExceeded(
+                        f"OVERDRAFT_LIMIT_EXCEEDED at {b.scope}: debt {format_amount(b.unit, b.debt)} + "
+                        f"{format_amount(b.unit, deficit)} exceeds the overdraft limit "
+                        f"{format_amount(b.unit, b.overdraft_limit)}",
+                        details={
+                            "scope": b.scope, "unit": b.unit, "requested": overage, "remaining": b.remaining,
+                            "debt": b.debt, "overdraft_limit": b.overdraft_limit,
+                        },
+                    )  # fmt: skip
+            # spent grows by the funded part only, the rest becomes debt: the ledger identity keeps holding
+            for b in budgets:
+                funded = min(overage, max(b.remaining, 0))
+                self._move(tx, [b], reserved=-held, spent=held + funded, debt=overage - funded)
+            return held + overage
+        # ALLOW_IF_AVAILABLE (and overdraft onto a scope without overdraft): charge what every scope still has
+        capped = min(overage, min(max(b.remaining, 0) for b in budgets))
+        self._move(tx, budgets, reserved=-held, spent=held + capped)
+        self._flag_over_limit(tx, short)
+        return held + capped
+
+    # ------------------------------------------------------------------------------------------------ reserve
+    def reserve(
+        self, request: ReservationCreateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> ReservationCreateResponse:
+        req = parse(ReservationCreateRequest, request)
+        subject = self._subject(req.subject, tenant)
+        scopes = affected_scopes(subject)
+        unit, estimate = req.estimate.unit, req.estimate.amount
+        fp = fingerprint(req)
+        with self.begin() as (tx, now):
+            owner = subject["tenant"]
+            replay = self._replay(tx, owner, "reserve", req.idempotency_key, fp, ReservationCreateResponse)
+            if replay is not None:
+                if replay.reservation_id is not None and replay.expires_at_ms is not None:
+                    r = tx.get_reservation(replay.reservation_id)
+                    live = r is not None and r.status == "ACTIVE"
+                    replay.remaining_ttl_ms = max(0, replay.expires_at_ms - now) if live else 0
+                return replay
+            t = tx.get_tenant(owner)
+            if t is not None and t.status != "ACTIVE":
+                if req.dry_run:
+                    return ReservationCreateResponse(
+                        decision=Decision.DENY, affected_scopes=scopes, scope_path=scopes[-1],
+                        reason_code="TENANT_CLOSED" if t.status == "CLOSED" else "TENANT_SUSPENDED",
+                    )  # fmt: skip
+                if t.status == "CLOSED":
+                    raise TenantClosed(f"tenant {owner!r} is closed", details={"tenant": owner})
+                raise Forbidden(f"tenant {owner!r} is suspended: no new reservations")
+            budgets, denial = self._evaluate(tx, unit, scopes, estimate)
+            if req.dry_run:
+                return ReservationCreateResponse(
+                    decision=Decision.DENY if denial else Decision.ALLOW,
+                    affected_scopes=scopes,
+                    scope_path=scopes[-1],
+                    reason_code=denial.reason_code if denial else None,
+                    reserved=None if denial else req.estimate,
+                    balances=[balance(b) for b in budgets] or None,
+                )
+            if denial is not None:
+                raise denial.error(unit)
+            ttl = req.ttl_ms if "ttl_ms" in req.model_fields_set or t is None else t.default_reservation_ttl_ms
+            ttl = min(ttl, t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS)
+            policy = req.overage_policy if "overage_policy" in req.model_fields_set else None
+            policy = policy or next(
+                (b.commit_overage_policy for b in reversed(budgets) if b.commit_overage_policy), None
+            )
+            policy = policy or (t.default_commit_overage_policy if t is not None else None) or "ALLOW_IF_AVAILABLE"
+            r = ReservationRecord(
+                reservation_id=new_id("res_"),
+                tenant=owner,
+                idempotency_key=req.idempotency_key,
+                subject=subject,
+                action=req.action.model_dump(exclude_none=True),
+                unit=unit,
+                estimate=estimate,
+                scope_path=scopes[-1],
+                affected_scopes=scopes,
+                budgeted_scopes=[b.scope for b in budgets],
+                status="ACTIVE",
+                created_at_ms=now,
+                expires_at_ms=now + ttl,
+                grace_ms=req.grace_period_ms,
+                overage_policy=policy,
+                metadata=req.metadata,
+            )
+            self._move(tx, budgets, reserved=estimate)
+            tx.insert_reservation(r)
+            response = ReservationCreateResponse(
+                decision=Decision.ALLOW,
+                reservation_id=r.reservation_id,
+                reserved=req.estimate,
+                expires_at_ms=r.expires_at_ms,
+                remaining_ttl_ms=ttl,
+                scope_path=r.scope_path,
+                affected_scopes=scopes,
+                balances=[balance(b) for b in budgets],
+            )
+            self._remember(tx, owner, "reserve", req.idempotency_key, fp, response)
+            return response
+
+    # ------------------------------------------------------------------------------------------------- commit
+    def commit(
+        self, reservation_id: str, request: CommitRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> CommitResponse:
+        req = parse(CommitRequest, request)
+        fp = fingerprint(req)
+        with self.begin() as (tx, now):
+            r = self._owned(tx, reservation_id, tenant)
+            endpoint = "commit:" + reservation_id
+            replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, CommitResponse)
+            if replay is not None:
+                return replay
+            self._tenant_open(tx, r.tenant)
+            self._live(r, now)
+            actual = req.actual.amount
+            if req.actual.unit != r.unit:
+                raise UnitMismatch(
+                    f"reservation {reservation_id} is in {r.unit}, the commit is in {req.actual.unit}",
+                    details={"scope": r.scope_path, "requested_unit": req.actual.unit, "expected_units": [r.unit]},
+                )
+            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+            for b in budgets:
+                if b.status in ("FROZEN", "CLOSED"):
+                    raise Denial("BUDGET_" + b.status, b.scope, b, actual).error(r.unit)
+            overage = max(0, actual - r.estimate)
+            if overage and r.overage_policy == "REJECT":
+                raise BudgetExceeded(
+                    f"actual {format_amount(r.unit, actual)} exceeds the reserved "
+                    f"{format_amount(r.unit, r.estimate)} and the overage policy is REJECT",
+                    details={"scope": r.scope_path, "unit": r.unit, "requested": actual, "reserved": r.estimate},
+                )
+            if overage:
+                charged = self._charge(tx, budgets, held=r.estimate, overage=overage, policy=r.overage_policy)
+            else:
+                self._move(tx, budgets, reserved=-r.estimate, spent=actual)
+                charged = actual
+            r.status, r.committed, r.finalized_at_ms = "COMMITTED", charged, now
+            r.committed_metadata = req.metadata
+            tx.save_reservation(r)
+            response = CommitResponse(
+                charged=Amount(unit=r.unit, amount=charged),
+                released=Amount(unit=r.unit, amount=r.estimate - actual) if actual < r.estimate else None,
+                balances=[balance(b) for b in budgets],
+            )
+            self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
+            return response
+
+    # ------------------------------------------------------------------------------------------------ release
+    def release(
+        self, reservation_id: str, request: ReleaseRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> ReleaseResponse:
+        req = parse(ReleaseRequest, request)
+        fp = fingerprint(req)
+        with self.begin() as (tx, now):
+            r = self._owned(tx, reservation_id, tenant)
+            endpoint = "release:" + reservation_id
+            replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, ReleaseResponse)
+            if replay is not None:
+                return replay
+            self._tenant_open(tx, r.tenant)
+            self._live(r, now)
+            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+            self._move(tx, budgets, reserved=-r.estimate)
+            r.status, r.finalized_at_ms = "RELEASED", now
+            if req.reason:
+                r.committed_metadata = {"release_reason": req.reason}
+            tx.save_reservation(r)
+            response = ReleaseResponse(
+                released=Amount(unit=r.unit, amount=r.estimate), balances=[balance(b) for b in budgets]
+            )
+            self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
+            return response
+
+    # ------------------------------------------------------------------------------------------------- extend
+    def extend(
+        self, reservation_id: str, request: ReservationExtendRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> ReservationExtendResponse:
+        req = parse(ReservationExtendRequest, request)
+        fp = fingerprint(req)
+        with self.begin() as (tx, now):
+            r = self._owned(tx, reservation_id, tenant)
+            endpoint = "extend:" + reservation_id
+            replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, ReservationExtendResponse)
+            if replay is not None:
+                replay.remaining_ttl_ms = max(0, replay.expires_at_ms - now) if r.status == "ACTIVE" else 0
+                return replay
+            t = self._tenant_open(tx, r.tenant)
+            self._live(r, now, grace=False)
+            limit = t.max_reservation_extensions if t is not None else DEFAULT_MAX_EXTENSIONS
+            if r.extensions >= limit:
+                raise MaxExtensionsExceeded(
+                    f"reservation {reservation_id} was already extended {r.extensions} times (limit {limit})",
+                    details={"extensions": r.extensions, "max_extensions": limit},
+                )
+            max_ttl = t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS
+            r.expires_at_ms = max(r.expires_at_ms, min(r.expires_at_ms + req.extend_by_ms, now + max_ttl))
+            r.extensions += 1
+            tx.save_reservation(r)
+            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+            response = ReservationExtendResponse(
+                expires_at_ms=r.expires_at_ms,
+                remaining_ttl_ms=r.expires_at_ms - now,
+                balances=[balance(b) for b in budgets],
+            )
+            self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
+            return response
+
+    # ------------------------------------------------------------------------------------------------- decide
+    def decide(self, request: DecisionRequest | Mapping[str, Any], *, tenant: str | None = None) -> DecisionResponse:
+        req = parse(DecisionRequest, request)
+        subject = self._subject(req.subject, tenant)
+        scopes = affected_scopes(subject)
+        fp = fingerprint(req)
+        with self.begin() as (tx, _now):
+            owner = subject["tenant"]
+            replay = self._replay(tx, owner, "decide", req.idempotency_key, fp, DecisionResponse)
+            if replay is not None:
+                return replay
+            t = tx.get_tenant(owner)
+            if t is not None and t.status != "ACTIVE":
+                reason = "TENANT_CLOSED" if t.status == "CLOSED" else "TENANT_SUSPENDED"
+                response = DecisionResponse(decision=Decision.DENY, reason_code=reason, affected_scopes=scopes)
+            else:
+                _budgets, denial = self._evaluate(tx, req.estimate.unit, scopes, req.estimate.amount)
+                response = DecisionResponse(
+                    decision=Decision.DENY if denial else Decision.ALLOW,
+                    reason_code=denial.reason_code if denial else None,
+                    affected_scopes=scopes,
+                )
+            self._remember(tx, owner, "decide", req.idempotency_key, fp, response)
+            return response
+
+    # -------------------------------------------------------------------------------------------------- event
+    def event(
+        self, request: EventCreateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> EventCreateResponse:
+        req = parse(EventCreateRequest, request)
+        subject = self._subject(req.subject, tenant)
+        scopes = affected_scopes(subject)
+        unit, actual = req.actual.unit, req.actual.amount
+        fp = fingerprint(req)
+        with self.begin() as (tx, now):
+            owner = subject["tenant"]
+            replay = self._replay(tx, owner, "event", req.idempotency_key, fp, EventCreateResponse)
+            if replay is not None:
+                return replay
+            t = self._tenant_open(tx, owner)
+            if t is not None and t.status == "SUSPENDED":
+                raise Forbidden(f"tenant {owner!r} is suspended")
+            budgets, denial = self._evaluate(tx, unit, scopes, actual, blocking=False)
+            if denial is not None:
+                raise denial.error(unit)
+            policy = req.overage_policy
+            if policy == "REJECT":
+                short = next((b for b in budgets if b.remaining < actual), None)
+                if short is not None:
+                    raise Denial("BUDGET_EXCEEDED", short.scope, short, actual).error(unit)
+            charged = self._charge(tx, budgets, held=0, overage=actual, policy=policy)
+            event = EventRecord(
+                event_id=new_id("evt_"),
+                tenant=owner,
+                subject=subject,
+                action=req.action.model_dump(exclude_none=True),
+                unit=unit,
+                actual=actual,
+                charged=charged,
+                scope_path=scopes[-1],
+                created_at_ms=now,
+                metadata=req.metadata,
+                extra={"metrics": req.metrics.dump()} if req.metrics else {},
+            )
+            tx.insert_event(event)
+            response = EventCreateResponse(
+                event_id=event.event_id,
+                charged=Amount(unit=unit, amount=charged),
+                balances=[balance(b) for b in budgets],
+            )
+            self._remember(tx, owner, "event", req.idempotency_key, fp, response)
+            return response
+
+    # -------------------------------------------------------------------------------------------------- reads
+    def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
+        """One reservation. `tenant=None` is the admin view (any tenant)."""
+        with self.begin() as (tx, _now):
+            r = self._owned(tx, reservation_id, tenant)
+        if r.status == "EXPIRED":
+            raise ReservationExpired(f"reservation {reservation_id} expired at {iso(r.expires_at_ms)}")
+        return detail(r, include=("metadata", "committed_metadata"))
+
+    def list_reservations(
+        self, query: ReservationQuery | Mapping[str, Any] | None = None, *, tenant: str | None = None
+    ) -> ReservationListResponse:
+        q = parse(ReservationQuery, query or {})
+        if tenant is not None and q.tenant is not None and q.tenant != tenant:
+            raise Forbidden(f"tenant {q.tenant!r} is not the authenticated tenant")
+        owner = tenant or q.tenant or self.default_tenant
+        if owner is None:
+            raise InvalidRequest("tenant is required to list reservations")
+        windows = {}
+        for name, (low, high) in {
+            "created": ("from_", "to"),
+            "expires": ("expires_from", "expires_to"),
+            "finalized": ("finalized_from", "finalized_to"),
+        }.items():
+            lo, hi = parse_time_ms(getattr(q, low), low.rstrip("_")), parse_time_ms(getattr(q, high), high)
+            if lo is not None and hi is not None and lo > hi:
+                raise InvalidRequest(f"{low.rstrip('_')} is after {high}")
+            windows[name] = (lo, hi)
+        flt = ReservationFilter(
+            tenant=owner,
+            levels={level: v for level in LEVELS if (v := getattr(q, level)) is not None},
+            idempotency_key=q.idempotency_key,
+            status=q.status,
+            **windows,
+        )
+        query_hash = hashlib.sha256(
+            canonical_json([flt.levels, flt.idempotency_key, flt.status, windows, q.sort_by, q.sort_dir]).encode()
+        ).hexdigest()[:16]
+        after = tuple(decode_cursor(q.cursor, query_hash)) if q.cursor else None
+        include = {token.strip() for token in (q.include or "").split(",")}
+        with self.begin() as (tx, _now):
+            rows = tx.query_reservations(flt, q.sort_by, q.sort_dir == "desc", after, q.limit + 1)  # type: ignore[arg-type]
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        cursor = None
+        if more:
+            last = rows[-1]
+            value = last.estimate if q.sort_by == "reserved" else getattr(last, q.sort_by)
+            cursor = encode_cursor([value, last.reservation_id], query_hash)
+        return ReservationListResponse(
+            reservations=[detail(r, include=include) for r in rows], next_cursor=cursor, has_more=more
+        )
+
+    def balances(
+        self, query: BalanceQuery | Mapping[str, Any] | None = None, *, tenant: str | None = None
+    ) -> BalanceResponse:
+        """Runtime shape: the ledgers at the subject's scope (and below, with include_children).
+        Admin shape: tenant_id / scope_prefix / unit."""
+        q = parse(BalanceQuery, query or {})
+        levels = {level: v for level in LEVELS if (v := getattr(q, level)) is not None}
+        for name, value in (("tenant", q.tenant), ("tenant_id", q.tenant_id)):
+            if tenant is not None and value is not None and value != tenant:
+                raise Forbidden(f"{name} {value!r} is not the authenticated tenant")
+        if not levels and q.tenant_id is None and q.scope_prefix is None and q.unit is None:
+            raise InvalidRequest("give at least one of tenant, workspace, app, workflow, agent, toolset")
+        owner = tenant or q.tenant or q.tenant_id or self.default_tenant
+        if levels and "tenant" not in levels:
+            if owner is None:
+                raise InvalidRequest("tenant is required")
+            levels["tenant"] = owner
+        query_hash = hashlib.sha256(canonical_json(q.model_dump(exclude={"cursor", "limit"})).encode()).hexdigest()[
+            :16
+        ]
+        after = decode_cursor(q.cursor, query_hash) if q.cursor else None
+        with self.begin() as (tx, _now):
+            rows = tx.list_budgets(
+                tenant_id=owner,
+                scope=format_scope(levels) if levels else None,
+                children=q.include_children,
+                scope_prefix=q.scope_prefix,
+                unit=q.unit,
+                after=(after[0], after[1]) if after else None,
+                limit=q.limit + 1,
+            )
+        more = len(rows) > q.limit
+        rows = rows[: q.limit]
+        cursor = encode_cursor([rows[-1].scope, rows[-1].unit], query_hash) if more else None
+        return BalanceResponse(balances=[balance(b) for b in rows], next_cursor=cursor, has_more=more)
+
+
+def detail(r: ReservationRecord, include: Any = ()) -> ReservationDetail:
+    return ReservationDetail(
+        reservation_id=r.reservation_id,
+        status=r.status,  # type: ignore[arg-type]
+        subject=r.subject,  # type: ignore[arg-type]
+        action=r.action,  # type: ignore[arg-type]
+        reserved=Amount(unit=r.unit, amount=r.estimate),  # type: ignore[arg-type]
+        created_at_ms=r.created_at_ms,
+        expires_at_ms=r.expires_at_ms,
+        scope_path=r.scope_path,
+        affected_scopes=r.affected_scopes,
+        idempotency_key=r.idempotency_key,
+        committed=Amount(unit=r.unit, amount=r.committed) if r.committed is not None else None,  # type: ignore[arg-type]
+        finalized_at_ms=r.finalized_at_ms,
+        metadata=r.metadata if "metadata" in include else None,
+        committed_metadata=r.committed_metadata if "committed_metadata" in include else None,
+    )

@@ -1,0 +1,476 @@
+"""The embedded store: SQLite, one BEGIN IMMEDIATE transaction per ledger operation.
+
+BEGIN IMMEDIATE takes the write lock up front, so two processes on one file serialise instead of both reading a
+balance and both spending it. WAL lets readers proceed meanwhile; synchronous=NORMAL keeps every committed operation
+across a process crash (only a power cut can lose the last few). A writer that cannot get the lock within
+`busy_timeout` seconds gets `StoreBusy`, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequest, StoreBusy
+from .store import (
+    ApiKeyRecord,
+    BudgetRecord,
+    EventRecord,
+    ReservationFilter,
+    ReservationRecord,
+    TenantRecord,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budgets (
+    scope TEXT NOT NULL, unit TEXT NOT NULL, tenant_id TEXT NOT NULL, ledger_id TEXT NOT NULL,
+    allocated INTEGER NOT NULL, spent INTEGER NOT NULL, reserved INTEGER NOT NULL, debt INTEGER NOT NULL,
+    overdraft_limit INTEGER NOT NULL, is_over_limit INTEGER NOT NULL, status TEXT NOT NULL,
+    commit_overage_policy TEXT, rollover_policy TEXT NOT NULL, period_start TEXT, period_end TEXT, metadata TEXT,
+    created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (scope, unit)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS budgets_tenant ON budgets (tenant_id, scope, unit);
+
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
+    workspace TEXT, app TEXT, workflow TEXT, agent TEXT, toolset TEXT,
+    idempotency_key TEXT NOT NULL, subject TEXT NOT NULL, action TEXT NOT NULL,
+    unit TEXT NOT NULL, estimate INTEGER NOT NULL, scope_path TEXT NOT NULL,
+    affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL, status TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
+    overage_policy TEXT NOT NULL, extensions INTEGER NOT NULL, committed INTEGER, finalized_at_ms INTEGER,
+    metadata TEXT, committed_metadata TEXT
+);
+CREATE INDEX IF NOT EXISTS reservations_due ON reservations (expires_at_ms + grace_ms) WHERE status = 'ACTIVE';
+CREATE INDEX IF NOT EXISTS reservations_tenant ON reservations (tenant, created_at_ms);
+CREATE INDEX IF NOT EXISTS reservations_key ON reservations (tenant, idempotency_key);
+
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL, endpoint TEXT NOT NULL, key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, response TEXT NOT NULL,
+    PRIMARY KEY (tenant, endpoint, key)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL, parent_tenant_id TEXT,
+    default_commit_overage_policy TEXT, default_reservation_ttl_ms INTEGER NOT NULL,
+    max_reservation_ttl_ms INTEGER NOT NULL, max_reservation_extensions INTEGER NOT NULL,
+    reservation_expiry_policy TEXT NOT NULL, metadata TEXT, created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL, suspended_at_ms INTEGER, closed_at_ms INTEGER
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, subject TEXT NOT NULL, action TEXT NOT NULL,
+    unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL, scope_path TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, metadata TEXT, extra TEXT
+);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL,
+    name TEXT NOT NULL, permissions TEXT NOT NULL, created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+    status TEXT NOT NULL, description TEXT, scope_filter TEXT, metadata TEXT, last_used_at_ms INTEGER,
+    revoked_at_ms INTEGER, revoked_reason TEXT
+);
+"""
+
+_BUDGET_COLS = (
+    "scope, unit, tenant_id, ledger_id, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, "
+    "commit_overage_policy, rollover_policy, period_start, period_end, metadata, created_at_ms, updated_at_ms"
+)
+_RES_COLS = (
+    "reservation_id, tenant, idempotency_key, subject, action, unit, estimate, scope_path, affected_scopes, "
+    "budgeted_scopes, status, created_at_ms, expires_at_ms, grace_ms, overage_policy, extensions, committed, "
+    "finalized_at_ms, metadata, committed_metadata"
+)
+_TENANT_COLS = (
+    "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, default_reservation_ttl_ms, "
+    "max_reservation_ttl_ms, max_reservation_extensions, reservation_expiry_policy, metadata, created_at_ms, "
+    "updated_at_ms, suspended_at_ms, closed_at_ms"
+)
+_KEY_COLS = (
+    "key_id, tenant_id, key_hash, key_prefix, name, permissions, created_at_ms, expires_at_ms, status, description, "
+    "scope_filter, metadata, last_used_at_ms, revoked_at_ms, revoked_reason"
+)
+_LEVEL_COLUMNS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
+_SORT_COLUMNS = {
+    "reservation_id": "reservation_id",
+    "tenant": "tenant",
+    "scope_path": "scope_path",
+    "status": "status",
+    "reserved": "estimate",
+    "created_at_ms": "created_at_ms",
+    "expires_at_ms": "expires_at_ms",
+}
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.loads
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else _dumps(value)
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else _loads(text)
+
+
+def _budget(row: tuple) -> BudgetRecord:
+    b = BudgetRecord(*row)
+    b.is_over_limit = bool(b.is_over_limit)
+    b.metadata = _load(row[15])
+    return b
+
+
+def _reservation(row: tuple) -> ReservationRecord:
+    r = ReservationRecord(*row)
+    r.subject = _loads(row[3])
+    r.action = _loads(row[4])
+    r.affected_scopes = _loads(row[8])
+    r.budgeted_scopes = _loads(row[9])
+    r.metadata = _load(row[18])
+    r.committed_metadata = _load(row[19])
+    return r
+
+
+def _tenant(row: tuple) -> TenantRecord:
+    t = TenantRecord(*row)
+    t.metadata = _load(row[9])
+    return t
+
+
+def _key(row: tuple) -> ApiKeyRecord:
+    k = ApiKeyRecord(*row)
+    k.permissions = _loads(row[5])
+    k.scope_filter = _load(row[10])
+    k.metadata = _load(row[11])
+    return k
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SQLiteTransaction:
+    __slots__ = ("_db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    # ------------------------------------------------------------------------------------------------ idempotency
+    def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None:
+        return self._db.execute(
+            "SELECT fingerprint, response FROM idempotency WHERE tenant = ? AND endpoint = ? AND key = ?",
+            (tenant, endpoint, key),
+        ).fetchone()
+
+    def put_idempotent(self, tenant: str, endpoint: str, key: str, fingerprint: str, response: str) -> None:
+        self._db.execute(
+            "INSERT INTO idempotency (tenant, endpoint, key, fingerprint, response) VALUES (?, ?, ?, ?, ?)",
+            (tenant, endpoint, key, fingerprint, response),
+        )
+
+    # ---------------------------------------------------------------------------------------------------- tenants
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        row = self._db.execute(f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = ?", (tenant_id,)).fetchone()
+        return None if row is None else _tenant(row)
+
+    def put_tenant(self, t: TenantRecord) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES ({_placeholders(14)})",
+            (
+                t.tenant_id, t.name, t.status, t.parent_tenant_id, t.default_commit_overage_policy,
+                t.default_reservation_ttl_ms, t.max_reservation_ttl_ms, t.max_reservation_extensions,
+                t.reservation_expiry_policy, _dump(t.metadata), t.created_at_ms, t.updated_at_ms,
+                t.suspended_at_ms, t.closed_at_ms,
+            ),
+        )  # fmt: skip
+
+    def list_tenants(self, after: str | None, limit: int) -> list[TenantRecord]:
+        rows = self._db.execute(
+            f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id > ? ORDER BY tenant_id LIMIT ?", (after or "", limit)
+        ).fetchall()
+        return [_tenant(r) for r in rows]
+
+    # ---------------------------------------------------------------------------------------------------- budgets
+    def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
+        rows = self._db.execute(
+            f"SELECT {_BUDGET_COLS} FROM budgets WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
+            (unit, *scopes),
+        ).fetchall()
+        return [_budget(r) for r in rows]
+
+    def budget_units(self, scopes: Sequence[str]) -> list[str]:
+        rows = self._db.execute(
+            f"SELECT DISTINCT unit FROM budgets WHERE scope IN ({_placeholders(len(scopes))}) ORDER BY unit",
+            tuple(scopes),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def _budget_values(self, b: BudgetRecord) -> tuple:
+        return (
+            b.scope, b.unit, b.tenant_id, b.ledger_id, b.allocated, b.spent, b.reserved, b.debt, b.overdraft_limit,
+            int(b.is_over_limit), b.status, b.commit_overage_policy, b.rollover_policy, b.period_start, b.period_end,
+            _dump(b.metadata), b.created_at_ms, b.updated_at_ms,
+        )  # fmt: skip
+
+    def insert_budget(self, b: BudgetRecord) -> None:
+        self._db.execute(f"INSERT INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
+
+    def save_budget(self, b: BudgetRecord) -> None:
+        self._db.execute(
+            f"REPLACE INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b)
+        )
+
+    def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
+        self._db.execute(
+            "UPDATE budgets SET reserved = reserved + ?, spent = spent + ?, debt = debt + ? "
+            f"WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
+            (reserved, spent, debt, unit, *scopes),
+        )
+
+    def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None:
+        self._db.execute(
+            f"UPDATE budgets SET is_over_limit = ? WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
+            (int(flag), unit, *scopes),
+        )
+
+    def list_budgets(
+        self,
+        *,
+        tenant_id: str | None = None,
+        scope: str | None = None,
+        children: bool = False,
+        scope_prefix: str | None = None,
+        unit: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> list[BudgetRecord]:
+        where, args = [], []
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            args.append(tenant_id)
+        if scope is not None and children:  # the scope and every path below it: '0' sorts right after '/'
+            where.append("(scope = ? OR (scope > ? AND scope < ?))")
+            args += [scope, scope + "/", scope + "0"]
+        elif scope is not None:
+            where.append("scope = ?")
+            args.append(scope)
+        if scope_prefix:
+            where.append("scope >= ? AND scope < ?")
+            args += [scope_prefix, scope_prefix + "\U0010ffff"]
+        if unit is not None:
+            where.append("unit = ?")
+            args.append(unit)
+        if after is not None:
+            where.append("(scope, unit) > (?, ?)")
+            args += list(after)
+        sql = f"SELECT {_BUDGET_COLS} FROM budgets"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY scope, unit LIMIT ?", (*args, limit)).fetchall()
+        return [_budget(r) for r in rows]
+
+    # ----------------------------------------------------------------------------------------------- reservations
+    def insert_reservation(self, r: ReservationRecord) -> None:
+        s = r.subject
+        self._db.execute(
+            f"INSERT INTO reservations ({_RES_COLS}, workspace, app, workflow, agent, toolset) "
+            f"VALUES ({_placeholders(25)})",
+            (
+                r.reservation_id, r.tenant, r.idempotency_key, _dumps(s), _dumps(r.action), r.unit, r.estimate,
+                r.scope_path, _dumps(r.affected_scopes), _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
+                r.expires_at_ms, r.grace_ms, r.overage_policy, r.extensions, r.committed, r.finalized_at_ms,
+                _dump(r.metadata), _dump(r.committed_metadata),
+                s.get("workspace"), s.get("app"), s.get("workflow"), s.get("agent"), s.get("toolset"),
+            ),
+        )  # fmt: skip
+
+    def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
+        row = self._db.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
+        ).fetchone()
+        return None if row is None else _reservation(row)
+
+    def save_reservation(self, r: ReservationRecord) -> None:
+        self._db.execute(
+            "UPDATE reservations SET status = ?, expires_at_ms = ?, extensions = ?, committed = ?, "
+            "finalized_at_ms = ?, committed_metadata = ? WHERE reservation_id = ?",
+            (
+                r.status, r.expires_at_ms, r.extensions, r.committed, r.finalized_at_ms,
+                _dump(r.committed_metadata), r.reservation_id,
+            ),
+        )  # fmt: skip
+
+    def due_reservations(self, now_ms: int, limit: int) -> list[ReservationRecord]:
+        rows = self._db.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE status = 'ACTIVE' AND expires_at_ms + grace_ms < ? LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [_reservation(r) for r in rows]
+
+    def active_reservations(self, tenant: str) -> list[ReservationRecord]:
+        rows = self._db.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE status = 'ACTIVE' AND tenant = ?", (tenant,)
+        ).fetchall()
+        return [_reservation(r) for r in rows]
+
+    def query_reservations(
+        self, flt: ReservationFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[ReservationRecord]:
+        where, args = ["tenant = ?"], [flt.tenant]
+        for level, value in flt.levels.items():
+            if level != "tenant":
+                where.append(f"{level} = ?")
+                args.append(value)
+        if flt.idempotency_key is not None:
+            where.append("idempotency_key = ?")
+            args.append(flt.idempotency_key)
+        if flt.status is not None:
+            where.append("status = ?")
+            args.append(flt.status)
+        for column, (low, high) in (
+            ("created_at_ms", flt.created),
+            ("expires_at_ms", flt.expires),
+            ("finalized_at_ms", flt.finalized),
+        ):
+            if low is not None:
+                where.append(f"{column} >= ?")
+                args.append(low)
+            if high is not None:
+                where.append(f"{column} <= ?")
+                args.append(high)
+        column = _SORT_COLUMNS[sort_by]
+        op, direction = ("<", "DESC") if descending else (">", "ASC")
+        if after is not None:
+            where.append(f"({column}, reservation_id) {op} (?, ?)")
+            args += list(after)
+        rows = self._db.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE {' AND '.join(where)} "
+            f"ORDER BY {column} {direction}, reservation_id {direction} LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [_reservation(r) for r in rows]
+
+    # ----------------------------------------------------------------------------------------------------- events
+    def insert_event(self, e: EventRecord) -> None:
+        self._db.execute(
+            "INSERT INTO events (event_id, tenant, subject, action, unit, actual, charged, scope_path, created_at_ms, "
+            "metadata, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                e.event_id, e.tenant, _dumps(e.subject), _dumps(e.action), e.unit, e.actual, e.charged, e.scope_path,
+                e.created_at_ms, _dump(e.metadata), _dump(e.extra or None),
+            ),
+        )  # fmt: skip
+
+    # --------------------------------------------------------------------------------------------------- api keys
+    def _key_values(self, k: ApiKeyRecord) -> tuple:
+        return (
+            k.key_id, k.tenant_id, k.key_hash, k.key_prefix, k.name, _dumps(k.permissions), k.created_at_ms,
+            k.expires_at_ms, k.status, k.description, _dump(k.scope_filter), _dump(k.metadata), k.last_used_at_ms,
+            k.revoked_at_ms, k.revoked_reason,
+        )  # fmt: skip
+
+    def insert_key(self, k: ApiKeyRecord) -> None:
+        self._db.execute(f"INSERT INTO api_keys ({_KEY_COLS}) VALUES ({_placeholders(15)})", self._key_values(k))
+
+    def save_key(self, k: ApiKeyRecord) -> None:
+        self._db.execute(f"REPLACE INTO api_keys ({_KEY_COLS}) VALUES ({_placeholders(15)})", self._key_values(k))
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = self._db.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else _key(row)
+
+    def get_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        row = self._db.execute(f"SELECT {_KEY_COLS} FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+        return None if row is None else _key(row)
+
+    def list_keys(self, tenant_id: str | None, after: str | None, limit: int) -> list[ApiKeyRecord]:
+        sql, args = f"SELECT {_KEY_COLS} FROM api_keys WHERE key_id > ?", [after or ""]
+        if tenant_id is not None:
+            sql += " AND tenant_id = ?"
+            args.append(tenant_id)
+        rows = self._db.execute(sql + " ORDER BY key_id LIMIT ?", (*args, limit)).fetchall()
+        return [_key(r) for r in rows]
+
+
+class SQLiteStore:
+    """A SQLite file (or `:memory:`) holding every ledger table.
+
+    One connection per process, shared by its threads under a lock: SQLite serialises writers anyway, and one
+    connection avoids the cost of a connection per thread. After a fork the child opens its own connection.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = ":memory:", *, busy_timeout: float = 5.0) -> None:
+        self.path = str(path)
+        self.url = "sqlite://:memory:" if self.path == ":memory:" else f"sqlite:///{self.path}"
+        self.busy_timeout = busy_timeout
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+            if self.path != ":memory:":
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except sqlite3.OperationalError as exc:
+            db.close()
+            raise self._busy(exc) from exc
+        self._db, self._pid = db, os.getpid()
+        return db
+
+    def _busy(self, exc: sqlite3.OperationalError) -> Exception:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return StoreBusy(f"ledger store {self.path} stayed locked by another writer for over {self.busy_timeout}s")
+        return exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[SQLiteTransaction]:
+        with self._lock:
+            db = self._db if self._pid == os.getpid() and self._db is not None else self._connect()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise self._busy(exc) from exc
+            try:
+                yield SQLiteTransaction(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                db.execute("ROLLBACK")
+                raise self._busy(exc) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+
+def open_sqlite(url: str) -> SQLiteStore:
+    """`sqlite:///relative/or/absolute.db`, `sqlite:////abs/path.db`, `sqlite://:memory:`."""
+    if url in ("sqlite://:memory:", "sqlite:///:memory:", ":memory:"):
+        return SQLiteStore(":memory:")
+    if not url.startswith("sqlite:///"):
+        raise InvalidRequest(f"not a sqlite store url: {url!r} (expected sqlite:///path or sqlite://:memory:)")
+    return SQLiteStore(url[len("sqlite:///") :])

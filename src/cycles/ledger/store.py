@@ -1,0 +1,194 @@
+"""What the ledger rules need from a store, and the records it keeps.
+
+The rules (rules.py, admin.py) run every operation inside one `Store.transaction()`: they read records, decide, and
+write changes back through the `Transaction` methods. A store only has to make each transaction atomic and isolated
+(SQLite: BEGIN IMMEDIATE); it holds no budget logic of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class BudgetRecord:
+    """One ledger: a (scope, unit) pair. `remaining` is derived, so the ledger identity always holds."""
+
+    scope: str
+    unit: str
+    tenant_id: str
+    ledger_id: str
+    allocated: int
+    spent: int = 0
+    reserved: int = 0
+    debt: int = 0
+    overdraft_limit: int = 0
+    is_over_limit: bool = False
+    status: str = "ACTIVE"
+    commit_overage_policy: str | None = None
+    rollover_policy: str = "NONE"
+    period_start: str | None = None
+    period_end: str | None = None
+    metadata: dict[str, Any] | None = None
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.allocated - self.spent - self.reserved - self.debt
+
+
+@dataclass(slots=True)
+class ReservationRecord:
+    reservation_id: str
+    tenant: str
+    idempotency_key: str
+    subject: dict[str, Any]
+    action: dict[str, Any]
+    unit: str
+    estimate: int
+    scope_path: str
+    affected_scopes: list[str]
+    budgeted_scopes: list[str]
+    status: str
+    created_at_ms: int
+    expires_at_ms: int
+    grace_ms: int
+    overage_policy: str
+    extensions: int = 0
+    committed: int | None = None
+    finalized_at_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+    committed_metadata: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class TenantRecord:
+    tenant_id: str
+    name: str
+    status: str = "ACTIVE"
+    parent_tenant_id: str | None = None
+    default_commit_overage_policy: str | None = None
+    default_reservation_ttl_ms: int = 60_000
+    max_reservation_ttl_ms: int = 3_600_000
+    max_reservation_extensions: int = 10
+    reservation_expiry_policy: str = "AUTO_RELEASE"
+    metadata: dict[str, str] | None = None
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+    suspended_at_ms: int | None = None
+    closed_at_ms: int | None = None
+
+
+@dataclass(slots=True)
+class ApiKeyRecord:
+    key_id: str
+    tenant_id: str
+    key_hash: str
+    key_prefix: str
+    name: str
+    permissions: list[str]
+    created_at_ms: int
+    expires_at_ms: int
+    status: str = "ACTIVE"
+    description: str | None = None
+    scope_filter: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    last_used_at_ms: int | None = None
+    revoked_at_ms: int | None = None
+    revoked_reason: str | None = None
+
+
+@dataclass(slots=True)
+class EventRecord:
+    event_id: str
+    tenant: str
+    subject: dict[str, Any]
+    action: dict[str, Any]
+    unit: str
+    actual: int
+    charged: int
+    scope_path: str
+    created_at_ms: int
+    metadata: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ReservationFilter:
+    """Store-level filter of a reservation listing; windows are inclusive ms bounds."""
+
+    tenant: str
+    levels: dict[str, str] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    status: str | None = None
+    created: tuple[int | None, int | None] = (None, None)
+    expires: tuple[int | None, int | None] = (None, None)
+    finalized: tuple[int | None, int | None] = (None, None)
+
+
+class Transaction(Protocol):
+    """Reads and writes inside one atomic operation."""
+
+    def now_ms(self) -> int: ...
+
+    # idempotency: per (tenant, endpoint, key) the request's fingerprint and the response sent
+    def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None: ...
+    def put_idempotent(self, tenant: str, endpoint: str, key: str, fingerprint: str, response: str) -> None: ...
+
+    # tenants
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+    def put_tenant(self, tenant: TenantRecord) -> None: ...
+    def list_tenants(self, after: str | None, limit: int) -> list[TenantRecord]: ...
+
+    # budgets
+    def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]: ...
+    def budget_units(self, scopes: Sequence[str]) -> list[str]: ...
+    def insert_budget(self, budget: BudgetRecord) -> None: ...
+    def save_budget(self, budget: BudgetRecord) -> None: ...
+    def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
+        """Add the same deltas to every named ledger in one write."""
+        ...
+
+    def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None: ...
+    def list_budgets(
+        self,
+        *,
+        tenant_id: str | None = None,
+        scope: str | None = None,
+        children: bool = False,
+        scope_prefix: str | None = None,
+        unit: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> list[BudgetRecord]: ...
+
+    # reservations
+    def insert_reservation(self, reservation: ReservationRecord) -> None: ...
+    def get_reservation(self, reservation_id: str) -> ReservationRecord | None: ...
+    def save_reservation(self, reservation: ReservationRecord) -> None: ...
+    def due_reservations(self, now_ms: int, limit: int) -> list[ReservationRecord]: ...
+    def active_reservations(self, tenant: str) -> list[ReservationRecord]: ...
+    def query_reservations(
+        self, flt: ReservationFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[ReservationRecord]: ...
+
+    # events
+    def insert_event(self, event: EventRecord) -> None: ...
+
+    # api keys
+    def insert_key(self, key: ApiKeyRecord) -> None: ...
+    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
+    def get_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None: ...
+    def save_key(self, key: ApiKeyRecord) -> None: ...
+    def list_keys(self, tenant_id: str | None, after: str | None, limit: int) -> list[ApiKeyRecord]: ...
+
+
+class Store(Protocol):
+    url: str
+
+    def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def close(self) -> None: ...
