@@ -10,7 +10,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 INT64_MAX = 2**63 - 1
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
@@ -19,7 +19,19 @@ SCOPE_VALUE = re.compile(r"^[a-zA-Z0-9_.-]+$")
 NonNegativeInt64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
 SignedInt64 = Annotated[int, Field(strict=True, ge=-INT64_MAX - 1, le=INT64_MAX)]
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=256)]
-JsonObject = dict[str, Any]
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
+
+
+# Free-form maps serialise with sorted keys, so a model's JSON is canonical (RFC 8785 for this protocol's integers
+# and strings) and an idempotency fingerprint is a plain hash of it.
+JsonObject = Annotated[dict[str, Any], PlainSerializer(_sorted_keys, when_used="json")]
 
 
 class Unit(str, Enum):
@@ -48,6 +60,13 @@ class ReservationStatus(str, Enum):
     EXPIRED = "EXPIRED"
 
 
+# Fields are typed with Literals (validated faster than Enums); the Enums above accept and compare equal to them.
+UnitName = Literal["USD_MICROCENTS", "TOKENS", "CREDITS", "RISK_POINTS"]
+DecisionName = Literal["ALLOW", "ALLOW_WITH_CAPS", "DENY"]
+OveragePolicyName = Literal["REJECT", "ALLOW_IF_AVAILABLE", "ALLOW_WITH_OVERDRAFT"]
+StatusName = Literal["ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
@@ -66,12 +85,12 @@ class _Response(BaseModel):
 
 
 class Amount(_Request):
-    unit: Unit
+    unit: UnitName
     amount: NonNegativeInt64
 
 
 class SignedAmount(_Request):
-    unit: Unit
+    unit: UnitName
     amount: SignedInt64
 
 
@@ -84,7 +103,9 @@ class Subject(_Request):
     workflow: str | None = Field(None, max_length=128)
     agent: str | None = Field(None, max_length=128)
     toolset: str | None = Field(None, max_length=128)
-    dimensions: dict[str, Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=16)
+    dimensions: Annotated[
+        dict[str, Annotated[str, Field(max_length=256)]], PlainSerializer(_sorted_keys, when_used="json")
+    ] | None = Field(None, max_length=16)
 
     @field_validator(*LEVELS)
     @classmethod
@@ -151,14 +172,14 @@ class ReservationCreateRequest(_Request):
     estimate: Amount
     ttl_ms: int = Field(60_000, strict=True, ge=1_000, le=86_400_000)
     grace_period_ms: int = Field(5_000, strict=True, ge=0, le=60_000)
-    overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE
+    overage_policy: OveragePolicyName = "ALLOW_IF_AVAILABLE"
     dry_run: bool = Field(False, strict=True)
     metadata: JsonObject | None = None
     observe_mode: str | None = Field(None, exclude=True)  # v0.1.26, tolerated and ignored
 
 
 class ReservationCreateResponse(_Response):
-    decision: Decision
+    decision: DecisionName
     affected_scopes: list[str]
     reservation_id: str | None = None
     reserved: Amount | None = None
@@ -218,7 +239,7 @@ class DecisionRequest(_Request):
 
 
 class DecisionResponse(_Response):
-    decision: Decision
+    decision: DecisionName
     caps: Caps | None = None
     reason_code: str | None = None
     retry_after_ms: int | None = None
@@ -230,7 +251,7 @@ class EventCreateRequest(_Request):
     subject: Subject
     action: Action
     actual: Amount
-    overage_policy: OveragePolicy = OveragePolicy.ALLOW_IF_AVAILABLE
+    overage_policy: OveragePolicyName = "ALLOW_IF_AVAILABLE"
     metrics: StandardMetrics | None = None
     client_time_ms: NonNegativeInt64 | None = None
     metadata: JsonObject | None = None
@@ -245,7 +266,7 @@ class EventCreateResponse(_Response):
 
 class ReservationDetail(_Response):
     reservation_id: str
-    status: ReservationStatus
+    status: StatusName
     subject: Subject
     action: Action
     reserved: Amount
@@ -279,7 +300,7 @@ class ReservationQuery(_Request):
     """Filters, sort and page of GET /v1/reservations. An empty string means unset."""
 
     idempotency_key: str | None = None
-    status: ReservationStatus | None = None
+    status: StatusName | None = None
     tenant: str | None = None
     workspace: str | None = None
     app: str | None = None
@@ -322,7 +343,7 @@ class BalanceQuery(_Request):
     include_children: bool = False
     tenant_id: str | None = None
     scope_prefix: str | None = None
-    unit: Unit | None = None
+    unit: UnitName | None = None
     limit: int = Field(50, ge=1, le=200)
     cursor: str | None = None
 
@@ -365,7 +386,7 @@ class TenantCreateRequest(_Request):
     name: str = Field(max_length=256)
     parent_tenant_id: str | None = None
     metadata: dict[str, str] | None = None
-    default_commit_overage_policy: OveragePolicy | None = None
+    default_commit_overage_policy: OveragePolicyName | None = None
     default_reservation_ttl_ms: Ttl | None = None
     max_reservation_ttl_ms: Ttl | None = None
     max_reservation_extensions: NonNegativeInt64 | None = None
@@ -376,7 +397,7 @@ class TenantUpdateRequest(_Request):
     name: str | None = Field(None, max_length=256)
     status: TenantStatus | None = None
     metadata: dict[str, str] | None = None
-    default_commit_overage_policy: OveragePolicy | None = None
+    default_commit_overage_policy: OveragePolicyName | None = None
     default_reservation_ttl_ms: Ttl | None = None
     max_reservation_ttl_ms: Ttl | None = None
     max_reservation_extensions: NonNegativeInt64 | None = None
@@ -389,7 +410,7 @@ class Tenant(_Response):
     status: TenantStatus
     created_at: str
     parent_tenant_id: str | None = None
-    default_commit_overage_policy: OveragePolicy | None = None
+    default_commit_overage_policy: OveragePolicyName | None = None
     default_reservation_ttl_ms: int = 60_000
     max_reservation_ttl_ms: int = 3_600_000
     max_reservation_extensions: int = 10
@@ -408,11 +429,11 @@ class TenantListResponse(_Response):
 
 class BudgetCreateRequest(_Request):
     scope: str = Field(min_length=1, max_length=1024)
-    unit: Unit
+    unit: UnitName
     allocated: Amount
     tenant_id: str | None = None
     overdraft_limit: Amount | None = None
-    commit_overage_policy: OveragePolicy | None = None
+    commit_overage_policy: OveragePolicyName | None = None
     rollover_policy: RolloverPolicy = "NONE"
     period_start: str | None = None
     period_end: str | None = None
@@ -421,14 +442,14 @@ class BudgetCreateRequest(_Request):
 
 class BudgetUpdateRequest(_Request):
     overdraft_limit: Amount | None = None
-    commit_overage_policy: OveragePolicy | None = None
+    commit_overage_policy: OveragePolicyName | None = None
     metadata: JsonObject | None = None
 
 
 class BudgetLedger(_Response):
     ledger_id: str
     scope: str
-    unit: Unit
+    unit: UnitName
     allocated: Amount
     remaining: SignedAmount
     status: BudgetStatus
@@ -440,7 +461,7 @@ class BudgetLedger(_Response):
     debt: Amount | None = None
     overdraft_limit: Amount | None = None
     is_over_limit: bool = False
-    commit_overage_policy: OveragePolicy | None = None
+    commit_overage_policy: OveragePolicyName | None = None
     rollover_policy: RolloverPolicy | None = None
     period_start: str | None = None
     period_end: str | None = None

@@ -103,8 +103,9 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(request: BaseModel) -> str:
-    payload = request.model_dump(mode="json", exclude_none=True, exclude={"idempotency_key"})
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    """SHA-256 of the canonical payload (idempotency key excluded) that a replay must match."""
+    payload = request.model_dump_json(exclude_none=True, exclude={"idempotency_key"})  # canonical: see models
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def new_id(prefix: str) -> str:
@@ -132,19 +133,28 @@ def parse_time_ms(text: str | None, field: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
+def amount(unit: str, value: int) -> dict[str, Any]:
+    return {"unit": unit, "amount": value}
+
+
+def balance_body(b: BudgetRecord) -> dict[str, Any]:
+    """A Balance as plain data: responses are validated once, whole, which is far cheaper than model by model."""
+    u = b.unit
+    return {
+        "scope": b.scope,
+        "scope_path": b.scope,
+        "remaining": {"unit": u, "amount": b.remaining},
+        "reserved": {"unit": u, "amount": b.reserved},
+        "spent": {"unit": u, "amount": b.spent},
+        "allocated": {"unit": u, "amount": b.allocated},
+        "debt": {"unit": u, "amount": b.debt},
+        "overdraft_limit": {"unit": u, "amount": b.overdraft_limit},
+        "is_over_limit": b.is_over_limit,
+    }
+
+
 def balance(b: BudgetRecord) -> Balance:
-    unit = b.unit
-    return Balance(
-        scope=b.scope,
-        scope_path=b.scope,
-        remaining=SignedAmount(unit=unit, amount=b.remaining),
-        reserved=Amount(unit=unit, amount=b.reserved),
-        spent=Amount(unit=unit, amount=b.spent),
-        allocated=Amount(unit=unit, amount=b.allocated),
-        debt=Amount(unit=unit, amount=b.debt),
-        overdraft_limit=Amount(unit=unit, amount=b.overdraft_limit),
-        is_over_limit=b.is_over_limit,
-    )
+    return Balance.model_validate(balance_body(b))
 
 
 def encode_cursor(position: Sequence[Any], query_hash: str) -> str:
@@ -218,11 +228,16 @@ class Ledger:
         return self.clock() if self.clock is not None else tx.now_ms()
 
     @contextmanager
-    def begin(self) -> Iterator[tuple[Transaction, int]]:
-        """`with ledger.begin() as (tx, now)`: one store transaction, expired reservations already swept."""
+    def begin(self, *, sweep: bool = True) -> Iterator[tuple[Transaction, int]]:
+        """`with ledger.begin() as (tx, now)`: one store transaction, expired reservations swept first.
+
+        The hot paths (reserve, commit, release, extend) pass sweep=False and sweep only when a decision depends on
+        remaining budget that expired holds may still occupy; every read sweeps, so nothing observes a stale hold.
+        """
         with self.store.transaction() as tx:
             now = self._now(tx)
-            self._sweep(tx, now)
+            if sweep:
+                self._sweep(tx, now)
             yield tx, now
 
     def sweep(self) -> int:
@@ -268,15 +283,19 @@ class Ledger:
         return r
 
     @staticmethod
-    def _replay(tx: Transaction, tenant: str, endpoint: str, key: str, fp: str, model: type[M]) -> M | None:
-        hit = tx.get_idempotent(tenant, endpoint, key)
-        if hit is None:
-            return None
-        if hit[0] != fp:
+    def _same_payload(stored: str | None, fp: str, key: str) -> None:
+        if stored != fp:
             raise IdempotencyMismatch(
                 f"idempotency key {key!r} was already used with a different payload",
                 details={"idempotency_key": key},
             )
+
+    @classmethod
+    def _replay(cls, tx: Transaction, tenant: str, endpoint: str, key: str, fp: str, model: type[M]) -> M | None:
+        hit = tx.get_idempotent(tenant, endpoint, key)
+        if hit is None:
+            return None
+        cls._same_payload(hit[0], fp, key)
         return model.model_validate_json(hit[1])
 
     @staticmethod
@@ -405,14 +424,14 @@ class Ledger:
         scopes = affected_scopes(subject)
         unit, estimate = req.estimate.unit, req.estimate.amount
         fp = fingerprint(req)
-        with self.begin() as (tx, now):
+        with self.begin(sweep=False) as (tx, now):
             owner = subject["tenant"]
-            replay = self._replay(tx, owner, "reserve", req.idempotency_key, fp, ReservationCreateResponse)
-            if replay is not None:
-                if replay.reservation_id is not None and replay.expires_at_ms is not None:
-                    r = tx.get_reservation(replay.reservation_id)
-                    live = r is not None and r.status == "ACTIVE"
-                    replay.remaining_ttl_ms = max(0, replay.expires_at_ms - now) if live else 0
+            prior = tx.get_reservation_by_key(owner, req.idempotency_key)
+            if prior is not None:
+                self._same_payload(prior.reserve_fingerprint, fp, req.idempotency_key)
+                replay = ReservationCreateResponse.model_validate_json(prior.reserve_response)
+                live = prior.status == "ACTIVE"
+                replay.remaining_ttl_ms = max(0, replay.expires_at_ms - now) if live else 0  # type: ignore[operator]
                 return replay
             t = tx.get_tenant(owner)
             if t is not None and t.status != "ACTIVE":
@@ -425,14 +444,18 @@ class Ledger:
                     raise TenantClosed(f"tenant {owner!r} is closed", details={"tenant": owner})
                 raise Forbidden(f"tenant {owner!r} is suspended: no new reservations")
             budgets, denial = self._evaluate(tx, unit, scopes, estimate)
+            if denial is not None and denial.reason_code == "BUDGET_EXCEEDED" and self._sweep(tx, now):
+                budgets, denial = self._evaluate(tx, unit, scopes, estimate)  # expired holds came back
             if req.dry_run:
-                return ReservationCreateResponse(
-                    decision=Decision.DENY if denial else Decision.ALLOW,
-                    affected_scopes=scopes,
-                    scope_path=scopes[-1],
-                    reason_code=denial.reason_code if denial else None,
-                    reserved=None if denial else req.estimate,
-                    balances=[balance(b) for b in budgets] or None,
+                return ReservationCreateResponse.model_validate(
+                    {
+                        "decision": "DENY" if denial else "ALLOW",
+                        "affected_scopes": scopes,
+                        "scope_path": scopes[-1],
+                        "reason_code": denial.reason_code if denial else None,
+                        "reserved": None if denial else amount(unit, estimate),
+                        "balances": [balance_body(b) for b in budgets] or None,
+                    }
                 )
             if denial is not None:
                 raise denial.error(unit)
@@ -461,19 +484,20 @@ class Ledger:
                 overage_policy=policy,
                 metadata=req.metadata,
             )
+            response = ReservationCreateResponse.model_validate(
+                {
+                    "decision": "ALLOW",
+                    "reservation_id": r.reservation_id,
+                    "reserved": amount(unit, estimate),
+                    "expires_at_ms": r.expires_at_ms,
+                    "remaining_ttl_ms": ttl,
+                    "scope_path": r.scope_path,
+                    "affected_scopes": scopes,
+                }
+            )
+            r.reserve_fingerprint, r.reserve_response = fp, response.model_dump_json(exclude_none=True)
             self._move(tx, budgets, reserved=estimate)
             tx.insert_reservation(r)
-            response = ReservationCreateResponse(
-                decision=Decision.ALLOW,
-                reservation_id=r.reservation_id,
-                reserved=req.estimate,
-                expires_at_ms=r.expires_at_ms,
-                remaining_ttl_ms=ttl,
-                scope_path=r.scope_path,
-                affected_scopes=scopes,
-                balances=[balance(b) for b in budgets],
-            )
-            self._remember(tx, owner, "reserve", req.idempotency_key, fp, response)
             return response
 
     # ------------------------------------------------------------------------------------------------- commit
@@ -482,12 +506,11 @@ class Ledger:
     ) -> CommitResponse:
         req = parse(CommitRequest, request)
         fp = fingerprint(req)
-        with self.begin() as (tx, now):
+        with self.begin(sweep=False) as (tx, now):
             r = self._owned(tx, reservation_id, tenant)
-            endpoint = "commit:" + reservation_id
-            replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, CommitResponse)
-            if replay is not None:
-                return replay
+            if r.status == "COMMITTED" and r.finalize_key == req.idempotency_key:
+                self._same_payload(r.finalize_fingerprint, fp, req.idempotency_key)
+                return CommitResponse.model_validate_json(r.finalize_response)  # type: ignore[arg-type]
             self._tenant_open(tx, r.tenant)
             self._live(r, now)
             actual = req.actual.amount
@@ -508,19 +531,24 @@ class Ledger:
                     details={"scope": r.scope_path, "unit": r.unit, "requested": actual, "reserved": r.estimate},
                 )
             if overage:
+                if self._sweep(tx, now):  # the overage draws on remaining budget: free expired holds first
+                    budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
                 charged = self._charge(tx, budgets, held=r.estimate, overage=overage, policy=r.overage_policy)
             else:
                 self._move(tx, budgets, reserved=-r.estimate, spent=actual)
                 charged = actual
+            response = CommitResponse.model_validate(
+                {
+                    "status": "COMMITTED",
+                    "charged": amount(r.unit, charged),
+                    "released": amount(r.unit, r.estimate - actual) if actual < r.estimate else None,
+                }
+            )
             r.status, r.committed, r.finalized_at_ms = "COMMITTED", charged, now
             r.committed_metadata = req.metadata
+            r.finalize_key, r.finalize_fingerprint = req.idempotency_key, fp
+            r.finalize_response = response.model_dump_json(exclude_none=True)
             tx.save_reservation(r)
-            response = CommitResponse(
-                charged=Amount(unit=r.unit, amount=charged),
-                released=Amount(unit=r.unit, amount=r.estimate - actual) if actual < r.estimate else None,
-                balances=[balance(b) for b in budgets],
-            )
-            self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
             return response
 
     # ------------------------------------------------------------------------------------------------ release
@@ -529,24 +557,22 @@ class Ledger:
     ) -> ReleaseResponse:
         req = parse(ReleaseRequest, request)
         fp = fingerprint(req)
-        with self.begin() as (tx, now):
+        with self.begin(sweep=False) as (tx, now):
             r = self._owned(tx, reservation_id, tenant)
-            endpoint = "release:" + reservation_id
-            replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, ReleaseResponse)
-            if replay is not None:
-                return replay
+            if r.status == "RELEASED" and r.finalize_key == req.idempotency_key:
+                self._same_payload(r.finalize_fingerprint, fp, req.idempotency_key)
+                return ReleaseResponse.model_validate_json(r.finalize_response)  # type: ignore[arg-type]
             self._tenant_open(tx, r.tenant)
             self._live(r, now)
             budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
             self._move(tx, budgets, reserved=-r.estimate)
+            response = ReleaseResponse.model_validate({"status": "RELEASED", "released": amount(r.unit, r.estimate)})
             r.status, r.finalized_at_ms = "RELEASED", now
             if req.reason:
                 r.committed_metadata = {"release_reason": req.reason}
+            r.finalize_key, r.finalize_fingerprint = req.idempotency_key, fp
+            r.finalize_response = response.model_dump_json(exclude_none=True)
             tx.save_reservation(r)
-            response = ReleaseResponse(
-                released=Amount(unit=r.unit, amount=r.estimate), balances=[balance(b) for b in budgets]
-            )
-            self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
             return response
 
     # ------------------------------------------------------------------------------------------------- extend
@@ -555,7 +581,7 @@ class Ledger:
     ) -> ReservationExtendResponse:
         req = parse(ReservationExtendRequest, request)
         fp = fingerprint(req)
-        with self.begin() as (tx, now):
+        with self.begin(sweep=False) as (tx, now):
             r = self._owned(tx, reservation_id, tenant)
             endpoint = "extend:" + reservation_id
             replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, ReservationExtendResponse)
@@ -574,11 +600,8 @@ class Ledger:
             r.expires_at_ms = max(r.expires_at_ms, min(r.expires_at_ms + req.extend_by_ms, now + max_ttl))
             r.extensions += 1
             tx.save_reservation(r)
-            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
-            response = ReservationExtendResponse(
-                expires_at_ms=r.expires_at_ms,
-                remaining_ttl_ms=r.expires_at_ms - now,
-                balances=[balance(b) for b in budgets],
+            response = ReservationExtendResponse.model_validate(
+                {"status": "ACTIVE", "expires_at_ms": r.expires_at_ms, "remaining_ttl_ms": r.expires_at_ms - now}
             )
             self._remember(tx, r.tenant, endpoint, req.idempotency_key, fp, response)
             return response
@@ -648,10 +671,13 @@ class Ledger:
                 extra={"metrics": req.metrics.dump()} if req.metrics else {},
             )
             tx.insert_event(event)
-            response = EventCreateResponse(
-                event_id=event.event_id,
-                charged=Amount(unit=unit, amount=charged),
-                balances=[balance(b) for b in budgets],
+            response = EventCreateResponse.model_validate(
+                {
+                    "status": "APPLIED",
+                    "event_id": event.event_id,
+                    "charged": amount(unit, charged),
+                    "balances": [balance_body(b) for b in budgets],
+                }
             )
             self._remember(tx, owner, "event", req.idempotency_key, fp, response)
             return response

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, StoreBusy
+from ..scopes import affected_scopes
 from .store import (
     ApiKeyRecord,
     BudgetRecord,
@@ -28,6 +29,7 @@ from .store import (
     TenantRecord,
 )
 
+SCHEMA_VERSION = 1  # PRAGMA user_version: bump, and migrate, when the tables change
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
     scope TEXT NOT NULL, unit TEXT NOT NULL, tenant_id TEXT NOT NULL, ledger_id TEXT NOT NULL,
@@ -44,14 +46,15 @@ CREATE TABLE IF NOT EXISTS reservations (
     workspace TEXT, app TEXT, workflow TEXT, agent TEXT, toolset TEXT,
     idempotency_key TEXT NOT NULL, subject TEXT NOT NULL, action TEXT NOT NULL,
     unit TEXT NOT NULL, estimate INTEGER NOT NULL, scope_path TEXT NOT NULL,
-    affected_scopes TEXT NOT NULL, budgeted_scopes TEXT NOT NULL, status TEXT NOT NULL,
+    budgeted_scopes TEXT NOT NULL, status TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL, grace_ms INTEGER NOT NULL,
     overage_policy TEXT NOT NULL, extensions INTEGER NOT NULL, committed INTEGER, finalized_at_ms INTEGER,
-    metadata TEXT, committed_metadata TEXT
+    metadata TEXT, committed_metadata TEXT, reserve_fingerprint TEXT NOT NULL, reserve_response TEXT NOT NULL,
+    finalize_key TEXT, finalize_fingerprint TEXT, finalize_response TEXT
 );
 CREATE INDEX IF NOT EXISTS reservations_due ON reservations (expires_at_ms + grace_ms) WHERE status = 'ACTIVE';
 CREATE INDEX IF NOT EXISTS reservations_tenant ON reservations (tenant, created_at_ms);
-CREATE INDEX IF NOT EXISTS reservations_key ON reservations (tenant, idempotency_key);
+CREATE UNIQUE INDEX IF NOT EXISTS reservations_key ON reservations (tenant, idempotency_key);
 
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL, endpoint TEXT NOT NULL, key TEXT NOT NULL,
@@ -86,9 +89,10 @@ _BUDGET_COLS = (
     "commit_overage_policy, rollover_policy, period_start, period_end, metadata, created_at_ms, updated_at_ms"
 )
 _RES_COLS = (
-    "reservation_id, tenant, idempotency_key, subject, action, unit, estimate, scope_path, affected_scopes, "
-    "budgeted_scopes, status, created_at_ms, expires_at_ms, grace_ms, overage_policy, extensions, committed, "
-    "finalized_at_ms, metadata, committed_metadata"
+    "reservation_id, tenant, idempotency_key, subject, action, unit, estimate, scope_path, budgeted_scopes, status, "
+    " created_at_ms, expires_at_ms, grace_ms, overage_policy, extensions, committed, "
+    "finalized_at_ms, metadata, committed_metadata, reserve_fingerprint, reserve_response, finalize_key, "
+    "finalize_fingerprint, finalize_response"
 )
 _TENANT_COLS = (
     "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, default_reservation_ttl_ms, "
@@ -130,13 +134,13 @@ def _budget(row: tuple) -> BudgetRecord:
 
 
 def _reservation(row: tuple) -> ReservationRecord:
-    r = ReservationRecord(*row)
-    r.subject = _loads(row[3])
+    subject = _loads(row[3])
+    r = ReservationRecord(*row[:8], affected_scopes(subject), *row[8:])  # affected scopes derive from the subject
+    r.subject = subject
     r.action = _loads(row[4])
-    r.affected_scopes = _loads(row[8])
-    r.budgeted_scopes = _loads(row[9])
-    r.metadata = _load(row[18])
-    r.committed_metadata = _load(row[19])
+    r.budgeted_scopes = _loads(row[8])
+    r.metadata = _load(row[17])
+    r.committed_metadata = _load(row[18])
     return r
 
 
@@ -286,12 +290,13 @@ class SQLiteTransaction:
         s = r.subject
         self._db.execute(
             f"INSERT INTO reservations ({_RES_COLS}, workspace, app, workflow, agent, toolset) "
-            f"VALUES ({_placeholders(25)})",
+            f"VALUES ({_placeholders(29)})",
             (
                 r.reservation_id, r.tenant, r.idempotency_key, _dumps(s), _dumps(r.action), r.unit, r.estimate,
-                r.scope_path, _dumps(r.affected_scopes), _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
+                r.scope_path, _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
                 r.expires_at_ms, r.grace_ms, r.overage_policy, r.extensions, r.committed, r.finalized_at_ms,
-                _dump(r.metadata), _dump(r.committed_metadata),
+                _dump(r.metadata), _dump(r.committed_metadata), r.reserve_fingerprint, r.reserve_response,
+                r.finalize_key, r.finalize_fingerprint, r.finalize_response,
                 s.get("workspace"), s.get("app"), s.get("workflow"), s.get("agent"), s.get("toolset"),
             ),
         )  # fmt: skip
@@ -302,13 +307,21 @@ class SQLiteTransaction:
         ).fetchone()
         return None if row is None else _reservation(row)
 
+    def get_reservation_by_key(self, tenant: str, idempotency_key: str) -> ReservationRecord | None:
+        row = self._db.execute(
+            f"SELECT {_RES_COLS} FROM reservations WHERE tenant = ? AND idempotency_key = ?", (tenant, idempotency_key)
+        ).fetchone()
+        return None if row is None else _reservation(row)
+
     def save_reservation(self, r: ReservationRecord) -> None:
         self._db.execute(
             "UPDATE reservations SET status = ?, expires_at_ms = ?, extensions = ?, committed = ?, "
-            "finalized_at_ms = ?, committed_metadata = ? WHERE reservation_id = ?",
+            "finalized_at_ms = ?, committed_metadata = ?, finalize_key = ?, finalize_fingerprint = ?, "
+            "finalize_response = ? WHERE reservation_id = ?",
             (
                 r.status, r.expires_at_ms, r.extensions, r.committed, r.finalized_at_ms,
-                _dump(r.committed_metadata), r.reservation_id,
+                _dump(r.committed_metadata), r.finalize_key, r.finalize_fingerprint, r.finalize_response,
+                r.reservation_id,
             ),
         )  # fmt: skip
 
@@ -430,6 +443,14 @@ class SQLiteStore:
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                db.close()
+                raise InvalidRequest(
+                    f"{self.path} holds ledger schema v{version}; this cycles reads v{SCHEMA_VERSION}"
+                )
         except sqlite3.OperationalError as exc:
             db.close()
             raise self._busy(exc) from exc

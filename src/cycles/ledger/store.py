@@ -63,6 +63,13 @@ class ReservationRecord:
     finalized_at_ms: int | None = None
     metadata: dict[str, Any] | None = None
     committed_metadata: dict[str, Any] | None = None
+    # idempotency of the reserve that created it and of the commit/release that finalized it, kept on the row
+    # itself: the hottest operations then need no separate idempotency lookups
+    reserve_fingerprint: str = ""
+    reserve_response: str = ""
+    finalize_key: str | None = None
+    finalize_fingerprint: str | None = None
+    finalize_response: str | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +176,7 @@ class Transaction(Protocol):
     # reservations
     def insert_reservation(self, reservation: ReservationRecord) -> None: ...
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None: ...
+    def get_reservation_by_key(self, tenant: str, idempotency_key: str) -> ReservationRecord | None: ...
     def save_reservation(self, reservation: ReservationRecord) -> None: ...
     def due_reservations(self, now_ms: int, limit: int) -> list[ReservationRecord]: ...
     def active_reservations(self, tenant: str) -> list[ReservationRecord]: ...

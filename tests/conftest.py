@@ -1,0 +1,25 @@
+"""Shared fixtures: a movable clock for the ledger."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+class Clock:
+    """Epoch milliseconds that only move when a test says so."""
+
+    def __init__(self, start_ms: int | None = None) -> None:
+        self.now = start_ms if start_ms is not None else (int(time.time()) // 1000) * 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
