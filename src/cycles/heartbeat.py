@@ -1,0 +1,158 @@
+"""Keep long calls' reservations alive (PROTOCOL.md section 4, "Heartbeat").
+
+One daemon thread per client holds a heap of due times, so watching a reservation costs a heap push, not a thread.
+From each successful reserve or extend: lead_floor = max(0, remaining_ttl - rtt); attempt_budget = max(timeout,
+1000, 2 max_rtt); safety = max(1000, 2 max_rtt); the next extend is due after max(0, lead_floor - (2 attempt_budget
++ safety)). Transient failures retry with the same idempotency key while the window lasts; terminal answers stop.
+Failures are reported (log warning, client.stats.heartbeat_failures), never swallowed, and the call goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .errors import CyclesError, LimitExceeded
+from .models import ReservationExtendRequest
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .guard import Reservation
+
+log = logging.getLogger("cycles")
+
+
+def next_delay_ms(remaining_ttl_ms: int, rtt_ms: float, max_rtt_ms: float, timeout_ms: float) -> float:
+    lead_floor = max(0.0, remaining_ttl_ms - rtt_ms)
+    attempt_budget = max(timeout_ms, 1000.0, 2 * max_rtt_ms)
+    safety = max(1000.0, 2 * max_rtt_ms)
+    return max(0.0, lead_floor - (2 * attempt_budget + safety))
+
+
+class _Watch:
+    __slots__ = ("reservation", "extend_by_ms", "key", "max_rtt_ms", "zero_delays", "deadline", "lead_floor_ms")
+
+    def __init__(self, reservation: Reservation, extend_by_ms: int) -> None:
+        self.reservation = reservation
+        self.extend_by_ms = extend_by_ms
+        self.key = ""
+        self.max_rtt_ms = 0.0
+        self.zero_delays = 0
+        self.deadline = 0.0  # monotonic seconds by which the current hold lapses (lead floor)
+        self.lead_floor_ms = 0.0
+
+
+class Heartbeat:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._watches: dict[int, _Watch] = {}
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def timeout_ms(self) -> float:
+        return self.client.timeout * 1000
+
+    def watch(self, reservation: Reservation, remaining_ttl_ms: int, rtt_s: float) -> None:
+        w = _Watch(reservation, reservation.ttl_ms or remaining_ttl_ms)
+        with self._cond:
+            self._watches[id(reservation)] = w
+        self._schedule(w, remaining_ttl_ms, rtt_s * 1000)
+
+    def forget(self, reservation: Reservation) -> None:
+        if self._watches:
+            with self._cond:
+                self._watches.pop(id(reservation), None)
+
+    def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float) -> None:
+        w.max_rtt_ms = max(w.max_rtt_ms, rtt_ms)
+        delay = next_delay_ms(remaining_ttl_ms, rtt_ms, w.max_rtt_ms, self.timeout_ms)
+        w.zero_delays = w.zero_delays + 1 if delay == 0 else 0
+        if w.zero_delays >= 2:  # the TTL is too short to keep alive safely: stop, as the protocol says
+            self.forget(w.reservation)
+            return
+        now = time.monotonic()
+        w.lead_floor_ms = max(0.0, remaining_ttl_ms - rtt_ms)
+        w.deadline = now + w.lead_floor_ms / 1000
+        w.key = f"{w.reservation.key}:hb:{os.urandom(6).hex()}"  # a new key per extension, reused on its retries
+        self._push(now + delay / 1000, w)
+
+    def _push(self, due: float, w: _Watch) -> None:
+        with self._cond:
+            if self._closed or id(w.reservation) not in self._watches:
+                return
+            heapq.heappush(self._heap, (due, next(self._seq), w))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="cycles-heartbeat", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is w:
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._watches.clear()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._closed:
+                    return
+                _due, _seq, w = heapq.heappop(self._heap)
+                if self._watches.get(id(w.reservation)) is not w:
+                    continue
+            self._beat(w)
+
+    def _beat(self, w: _Watch) -> None:
+        r = w.reservation
+        if r.status != "ACTIVE" or r.id is None:
+            self.forget(r)
+            return
+        began = time.monotonic()
+        try:
+            response = self.client.transport.extend(
+                r.id, ReservationExtendRequest(idempotency_key=w.key, extend_by_ms=w.extend_by_ms)
+            )
+        except CyclesError as exc:
+            self._failed(w, exc, began)
+            return
+        r.expires_at_ms = response.expires_at_ms
+        self.client.stats.heartbeats += 1
+        remaining = response.remaining_ttl_ms
+        if remaining is None:
+            remaining = 0
+        self._schedule(w, remaining, (time.monotonic() - began) * 1000)
+
+    def _failed(self, w: _Watch, exc: CyclesError, began: float) -> None:
+        r = w.reservation
+        self.client.stats.heartbeat_failures += 1
+        transient = exc.status == 0 or exc.status == 429 or exc.status >= 500
+        log.warning("cycles heartbeat: extending reservation %s failed (%s: %s)", r.id, exc.code, exc.message)
+        if not transient:
+            self.forget(r)  # expired, finalized, max extensions, closed tenant, not found: stop
+            return
+        attempt_budget = max(self.timeout_ms, 1000.0, 2 * w.max_rtt_ms)
+        safety = max(1000.0, 2 * w.max_rtt_ms)
+        window_ms = (w.deadline - time.monotonic()) * 1000 - attempt_budget - safety
+        if window_ms < 0:
+            self.forget(r)
+            return
+        wait_ms = min(30_000.0, w.lead_floor_ms / 4, window_ms)
+        if isinstance(exc, LimitExceeded):
+            retry_after = exc.details.get("retry_after_ms")
+            if isinstance(retry_after, int) and retry_after <= window_ms:
+                wait_ms = max(wait_ms, float(retry_after))
+        self._push(time.monotonic() + wait_ms / 1000, w)  # same key: a retry, not a new extension
