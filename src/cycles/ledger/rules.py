@@ -1,8 +1,24 @@
 """The Cycles v0 runtime rules, written once over any store.
 
-Every operation is one store transaction: sweep what has expired, replay or refuse a reused idempotency key, check,
-then write. An error raised anywhere inside rolls the whole transaction back, so a refused request changes nothing.
-Section numbers refer to PROTOCOL.md.
+Every operation is one store transaction: replay or refuse a reused idempotency key, check, then write. An error
+raised anywhere inside rolls the whole transaction back, so a refused request changes nothing.
+
+Where the protocol leaves a choice, this ledger decides:
+- a new reservation is refused with DEBT_OUTSTANDING when a budgeted scope has debt and no overdraft limit, and with
+  OVERDRAFT_LIMIT_EXCEEDED while a scope is over its limit; existing reservations still commit and release;
+- ALLOW_WITH_OVERDRAFT checks each short scope's unfunded deficit against its overdraft limit; `spent` grows by the
+  funded part only, the rest becomes debt, so remaining = allocated - spent - reserved - debt always holds. When a
+  short scope has no overdraft limit the whole charge falls back to ALLOW_IF_AVAILABLE;
+- ALLOW_IF_AVAILABLE caps an overage at what every scope still has and flags is_over_limit only on the scopes that
+  could not cover it; REJECT refuses any commit above the estimate (409, the reservation stays ACTIVE);
+- dry_run and decide report budget-state denials as DENY with a reason code; a wrong unit stays 400 UNIT_MISMATCH;
+- a subject without a tenant takes the effective tenant; scope values compare as given (no case folding);
+- tenant records are optional (embedded use needs none); a SUSPENDED tenant gets 403 on new reservations and events;
+- reservation TTLs are capped by the tenant's max_reservation_ttl_ms (default 1 h); an extension adds to the current
+  expiry, clamped to now + that maximum;
+- reserve, commit, release and extend do not sweep expired reservations first (the hot path); they sweep when a
+  decision depends on remaining budget that an expired hold may still occupy, and every read sweeps first, so no
+  one observes a stale hold.
 """
 
 from __future__ import annotations
