@@ -1,0 +1,301 @@
+"""Model prices, usage normalisation and estimates, for every integration.
+
+Prices come from `genai-prices` (its bundled snapshot: nothing is fetched, its background updater is never started),
+overridable per model for custom and fine-tuned models or negotiated rates. Money leaves this module as integer
+USD_MICROCENTS. Rounding rule: a call's cost is computed exactly (Decimal) and rounded UP to the next whole microcent,
+once per call, so a budget is never under-charged.
+
+Usage arrives in many shapes; `normalize_usage` reads LangChain `usage_metadata`, OpenAI chat completions and
+responses usage, LlamaIndex responses and plain dicts into one `TokenUsage`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+
+from .amounts import MICROCENTS_PER_USD
+from .models import Amount
+
+__all__ = [
+    "ModelPrice",
+    "Pricing",
+    "TokenUsage",
+    "UnknownModelPrice",
+    "default_pricing",
+    "normalize_usage",
+]
+
+_MICROCENTS_PER_MTOK_USD = Decimal(MICROCENTS_PER_USD) / Decimal(1_000_000)  # per token, for a $/MTok price
+
+
+class UnknownModelPrice(LookupError):
+    """No price is known for a model and no fallback price is configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts of one call. `input_tokens` includes cached input; `output_tokens` includes reasoning."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cached_input_tokens + other.cached_input_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+        )
+
+    def __bool__(self) -> bool:
+        return self.total_tokens > 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens. Cached input defaults to the input price, cache writes to the input price."""
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+
+    @classmethod
+    def of(cls, value: ModelPrice | Mapping[str, Any] | Sequence[Any]) -> ModelPrice:
+        """Accept a ModelPrice, a mapping of its fields, or an (input, output) pair of $/MTok."""
+        if isinstance(value, ModelPrice):
+            return value
+        if isinstance(value, Mapping):
+            fields = {k: None if v is None else Decimal(str(v)) for k, v in value.items()}
+            return cls(**fields)  # type: ignore[arg-type]
+        input_price, output_price = value
+        return cls(Decimal(str(input_price)), Decimal(str(output_price)))
+
+    def cost_microcents(self, usage: TokenUsage) -> int:
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        writes = min(usage.cache_write_tokens, usage.input_tokens - cached)
+        plain = usage.input_tokens - cached - writes
+        usd_per_mtok_tokens = (
+            plain * self.input_per_mtok
+            + cached * (self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok)
+            + writes * (self.cache_write_per_mtok if self.cache_write_per_mtok is not None else self.input_per_mtok)
+            + usage.output_tokens * self.output_per_mtok
+        )
+        return int((usd_per_mtok_tokens * _MICROCENTS_PER_MTOK_USD).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _catalog_price(model: str, provider: str | None) -> ModelPrice | None:
+    """A flat ModelPrice from genai-prices' bundled snapshot, or None when unknown or priced in tiers."""
+    from genai_prices import Usage, calc_price
+
+    try:
+        found = calc_price(Usage(input_tokens=1, output_tokens=1), model, provider_id=provider)
+    except LookupError:
+        return None
+    price = found.model_price
+    fields = (price.input_mtok, price.output_mtok, price.cache_read_mtok, price.cache_write_mtok)
+    if not all(v is None or isinstance(v, Decimal) for v in fields) or price.input_mtok is None:
+        return None  # tiered prices (by context length) are not flat: leave them to an override
+    return ModelPrice(price.input_mtok, price.output_mtok or Decimal(0), price.cache_read_mtok, price.cache_write_mtok)
+
+
+class Pricing:
+    """Turns a model's token usage into USD_MICROCENTS, and a request into a worst-case estimate.
+
+    `overrides` map model names to prices ($/MTok: a ModelPrice, a dict of its fields, or an (input, output) pair)
+    and win over the catalog; `fallback` prices unknown models (else UnknownModelPrice). Estimates count prompt tokens
+    offline (about 4 characters a token, or tiktoken when `use_tiktoken=True` and it is installed) and add the
+    request's max output tokens, else `default_max_output_tokens`.
+    """
+
+    def __init__(
+        self,
+        overrides: Mapping[str, ModelPrice | Mapping[str, Any] | Sequence[Any]] | None = None,
+        *,
+        fallback: ModelPrice | Mapping[str, Any] | Sequence[Any] | None = None,
+        default_max_output_tokens: int = 1024,
+        chars_per_token: float = 4.0,
+        use_tiktoken: bool = False,
+        provider: str | None = None,
+    ) -> None:
+        self._overrides = {name: ModelPrice.of(price) for name, price in (overrides or {}).items()}
+        self.fallback = ModelPrice.of(fallback) if fallback is not None else None
+        self.default_max_output_tokens = default_max_output_tokens
+        self.chars_per_token = chars_per_token
+        self.use_tiktoken = use_tiktoken
+        self.provider = provider
+        self._cache: dict[str, ModelPrice | None] = {}
+        self._lock = threading.Lock()
+
+    def set_price(self, model: str, price: ModelPrice | Mapping[str, Any] | Sequence[Any]) -> None:
+        self._overrides[model] = ModelPrice.of(price)
+
+    def price(self, model: str) -> ModelPrice:
+        """The price used for `model`: override, else catalog (looked up once per model), else fallback."""
+        if model in self._overrides:
+            return self._overrides[model]
+        if model not in self._cache:
+            found = _catalog_price(model, self.provider)
+            with self._lock:
+                self._cache[model] = found
+        found = self._cache[model]
+        if found is not None:
+            return found
+        if self.fallback is not None:
+            return self.fallback
+        raise UnknownModelPrice(
+            f"no price known for model {model!r}: add Pricing(overrides={{{model!r}: (input_usd_per_mtok, "
+            "output_usd_per_mtok)})) or set a fallback price"
+        )
+
+    def cost(self, model: str, usage: TokenUsage | Any, unit: str = "USD_MICROCENTS") -> Amount:
+        """What a call with this usage costs, in `unit` (TOKENS budgets need no price)."""
+        usage = usage if isinstance(usage, TokenUsage) else normalize_usage(usage)
+        if unit == "TOKENS":
+            return Amount(unit="TOKENS", amount=usage.total_tokens)
+        if unit != "USD_MICROCENTS":
+            raise ValueError(f"cannot price model usage in {unit}: use USD_MICROCENTS or TOKENS")
+        return Amount(unit="USD_MICROCENTS", amount=self.price(model).cost_microcents(usage))
+
+    def count_tokens(self, text: str, model: str | None = None) -> int:
+        if not text:
+            return 0
+        if self.use_tiktoken:
+            try:
+                import tiktoken
+
+                try:
+                    encoding = tiktoken.encoding_for_model(model or "gpt-4o")
+                except KeyError:
+                    encoding = tiktoken.get_encoding("o200k_base")
+                return len(encoding.encode(text))
+            except Exception:  # tiktoken missing, or its data cannot be fetched offline: use the heuristic
+                pass
+        return math.ceil(len(text) / self.chars_per_token)
+
+    def estimate(
+        self,
+        model: str,
+        *,
+        prompt: str | Sequence[Any] | None = None,
+        prompt_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+        unit: str = "USD_MICROCENTS",
+    ) -> Amount:
+        """Worst case of a request: its prompt tokens plus the most output it may produce."""
+        if prompt_tokens is None:
+            prompt_tokens = self.count_tokens(prompt_text(prompt), model)
+        output = max_output_tokens if max_output_tokens is not None else self.default_max_output_tokens
+        return self.cost(model, TokenUsage(input_tokens=prompt_tokens, output_tokens=output), unit)
+
+
+def prompt_text(prompt: Any) -> str:
+    """Flatten a prompt (a string, chat messages as objects or dicts, content parts) into text for counting."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Mapping):
+        parts = [prompt_text(prompt.get("content")), prompt_text(prompt.get("text"))]
+        return "\n".join(p for p in parts if p)
+    if isinstance(prompt, Sequence):
+        return "\n".join(prompt_text(p) for p in prompt)
+    content = getattr(prompt, "content", None)
+    if content is not None:
+        return prompt_text(content)
+    text = getattr(prompt, "text", None)
+    return text if isinstance(text, str) else str(prompt)
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for name in path:
+        if obj is None:
+            return None
+        obj = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+    return obj
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def normalize_usage(usage: Any) -> TokenUsage:
+    """One TokenUsage from any usage shape we meet:
+
+    - LangChain `usage_metadata`: input_tokens, output_tokens, input_token_details.{cache_read, cache_creation},
+      output_token_details.reasoning;
+    - OpenAI chat completions: prompt_tokens, completion_tokens, prompt_tokens_details.cached_tokens,
+      completion_tokens_details.reasoning_tokens;
+    - OpenAI responses: input_tokens, output_tokens, input_tokens_details.cached_tokens,
+      output_tokens_details.reasoning_tokens;
+    - LlamaIndex: a response whose `raw` carries one of the above (or whose additional_kwargs hold
+      prompt_tokens/completion_tokens), or a TokenCountingHandler-style prompt_llm_token_count/completion_llm_token_count.
+    Objects or dicts alike; anything else gives an empty usage.
+    """
+    if usage is None:
+        return TokenUsage()
+    if isinstance(usage, TokenUsage):
+        return usage
+    for nested in ("usage_metadata", "usage"):  # a message or response object carrying its usage
+        inner = _get(usage, nested)
+        if inner is not None and inner is not usage:
+            found = normalize_usage(inner)
+            if found:
+                return found
+    if _get(usage, "prompt_tokens") is not None or _get(usage, "completion_tokens") is not None:
+        return TokenUsage(
+            input_tokens=_int(_get(usage, "prompt_tokens")),
+            output_tokens=_int(_get(usage, "completion_tokens")),
+            cached_input_tokens=_int(_get(usage, "prompt_tokens_details", "cached_tokens")),
+            reasoning_tokens=_int(_get(usage, "completion_tokens_details", "reasoning_tokens")),
+        )
+    if _get(usage, "input_tokens") is not None or _get(usage, "output_tokens") is not None:
+        cached = _int(_get(usage, "input_token_details", "cache_read")) or _int(
+            _get(usage, "input_tokens_details", "cached_tokens")
+        )
+        reasoning = _int(_get(usage, "output_token_details", "reasoning")) or _int(
+            _get(usage, "output_tokens_details", "reasoning_tokens")
+        )
+        return TokenUsage(
+            input_tokens=_int(_get(usage, "input_tokens")),
+            output_tokens=_int(_get(usage, "output_tokens")),
+            cached_input_tokens=cached,
+            cache_write_tokens=_int(_get(usage, "input_token_details", "cache_creation")),
+            reasoning_tokens=reasoning,
+        )
+    if _get(usage, "prompt_llm_token_count") is not None:
+        return TokenUsage(
+            input_tokens=_int(_get(usage, "prompt_llm_token_count")),
+            output_tokens=_int(_get(usage, "completion_llm_token_count")),
+        )
+    for nested in ("raw", "additional_kwargs"):  # LlamaIndex ChatResponse / CompletionResponse
+        inner = _get(usage, nested)
+        if inner is not None:
+            found = normalize_usage(inner)
+            if found:
+                return found
+    return TokenUsage()
+
+
+_default: Pricing | None = None
+
+
+def default_pricing() -> Pricing:
+    """The shared Pricing used when an integration is given none (catalog prices, no fallback)."""
+    global _default
+    if _default is None:
+        _default = Pricing()
+    return _default
