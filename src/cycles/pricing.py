@@ -158,7 +158,7 @@ class Pricing:
             return self.fallback
         raise UnknownModelPrice(
             f"no price known for model {model!r}: add Pricing(overrides={{{model!r}: (input_usd_per_mtok, "
-            "output_usd_per_mtok)})) or set a fallback price"
+            "output_usd_per_mtok)}) or set a fallback price"
         )
 
     def cost(self, model: str, usage: TokenUsage | Any, unit: str = "USD_MICROCENTS") -> Amount:
