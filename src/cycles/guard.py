@@ -340,7 +340,7 @@ class Reservation:
         """Count this call's spend into the run it belongs to (once, by the guard that owns the spend)."""
         run = self._run
         if run is not None and (self._parent is None or self._parent is run.reservation):
-            run.record(used)
+            run.record(used, self.estimate.unit if self.estimate is not None else run.unit)
 
     def finish(self, exc: BaseException | None = None, result: Any = None) -> None:
         self._exit_context()
@@ -574,15 +574,21 @@ class Run:
         self.action = as_action(action, default_name=self.run_id) if action else Action(kind="agent.run", name=self.run_id)
         self._subject = subject
         self.reservation: Reservation | None = None
+        self.unit = limit.unit if limit is not None else "USD_MICROCENTS"
         self._lock = threading.Lock()
-        self._spent = 0
+        self._spent: dict[str, int] = {}
         self._calls = 0
         self._scope: Any = None
         self._token: Any = None
 
     @property
     def spent(self) -> int:
-        return self._spent
+        """Spent so far in the run's unit (the limit's unit; USD_MICROCENTS without a limit)."""
+        return self._spent.get(self.unit, 0)
+
+    @property
+    def spent_by_unit(self) -> dict[str, int]:
+        return dict(self._spent)
 
     @property
     def calls(self) -> int:
@@ -594,11 +600,11 @@ class Run:
             return None
         r = self.reservation
         in_flight = r._drawn if r is not None else 0
-        return self.limit.amount - self._spent - in_flight
+        return self.limit.amount - self.spent - in_flight
 
-    def record(self, used: int) -> None:
+    def record(self, used: int, unit: str) -> None:
         with self._lock:
-            self._spent += used
+            self._spent[unit] = self._spent.get(unit, 0) + used
             self._calls += 1
 
     def _open(self) -> None:
@@ -656,9 +662,8 @@ class Run:
         return r._inner_used
 
     def __repr__(self) -> str:
-        unit = self.limit.unit if self.limit else "USD_MICROCENTS"
-        limit = format_amount(unit, self.limit.amount) if self.limit else "none"
-        return f"<Run {self.run_id} spent={format_amount(unit, self._spent)} calls={self._calls} limit={limit}>"
+        limit = format_amount(self.unit, self.limit.amount) if self.limit else "none"
+        return f"<Run {self.run_id} spent={format_amount(self.unit, self.spent)} calls={self._calls} limit={limit}>"
 
 
 def run(limit: Amount | None = None, **kwargs: Any) -> Run:

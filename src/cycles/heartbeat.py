@@ -71,6 +71,9 @@ class Heartbeat:
         if self._watches:
             with self._cond:
                 self._watches.pop(id(reservation), None)
+                if len(self._heap) > 1024 + 2 * len(self._watches):  # drop entries of settled reservations
+                    self._heap = [e for e in self._heap if self._watches.get(id(e[2].reservation)) is e[2]]
+                    heapq.heapify(self._heap)
 
     def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float) -> None:
         w.max_rtt_ms = max(w.max_rtt_ms, rtt_ms)
