@@ -38,6 +38,7 @@ from .errors import (
     StoreBusy,
     TransportError,
 )
+from .journal import TERMINAL_CODES, Journal
 from .models import (
     Action,
     Amount,
@@ -434,23 +435,27 @@ class Reservation:
         if self.status != "ACTIVE":
             return self.charged
         request = self._commit_request(actual, metrics, metadata)
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                response = self.client.transport.commit(self.id, request)  # type: ignore[arg-type]
-                self._committed(response.charged)
-                return self.charged
-            except ReservationExpired:
-                event = self.client.transport.event(self._settlement_event(request))
-                self.client.stats.expired_settled += 1
-                self._committed(event.charged or request.actual)
-                return self.charged
-            except CyclesError as exc:
-                if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
-                    self.client.heartbeat.forget(self)
-                    raise
-                self.client.stats.commit_retries += 1
-                time.sleep(COMMIT_BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+        journal = self._journal_write(request)
+        try:
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    self._committed(self.client.transport.commit(self.id, request).charged)  # type: ignore[arg-type]
+                    break
+                except ReservationExpired:
+                    event = self._expired(request, journal)
+                    self._committed(self.client.transport.event(event).charged or request.actual)
+                    break
+                except CyclesError as exc:
+                    if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+                    self.client.stats.commit_retries += 1
+                    time.sleep(self._backoff(exc, attempt))
+        except CyclesError as exc:
+            self._settle_failed(exc, journal)
+            raise
+        if journal is not None:
+            journal.remove(self.id)  # type: ignore[arg-type]
+        return self.charged
 
     async def acommit(
         self,
@@ -462,23 +467,54 @@ class Reservation:
         if self.status != "ACTIVE":
             return self.commit(actual, metrics=metrics, metadata=metadata)
         request = self._commit_request(actual, metrics, metadata)
-        for attempt in range(COMMIT_ATTEMPTS):
-            try:
-                response = await self.client.transport.acommit(self.id, request)  # type: ignore[arg-type]
-                self._committed(response.charged)
-                return self.charged
-            except ReservationExpired:
-                event = await self.client.transport.aevent(self._settlement_event(request))
-                self.client.stats.expired_settled += 1
-                self._committed(event.charged or request.actual)
-                return self.charged
-            except CyclesError as exc:
-                if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
-                    self.client.heartbeat.forget(self)
-                    raise
-                self.client.stats.commit_retries += 1
-                await asyncio.sleep(COMMIT_BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+        journal = self._journal_write(request)
+        try:
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    response = await self.client.transport.acommit(self.id, request)  # type: ignore[arg-type]
+                    self._committed(response.charged)
+                    break
+                except ReservationExpired:
+                    event = self._expired(request, journal)
+                    self._committed((await self.client.transport.aevent(event)).charged or request.actual)
+                    break
+                except CyclesError as exc:
+                    if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+                    self.client.stats.commit_retries += 1
+                    await asyncio.sleep(self._backoff(exc, attempt))
+        except CyclesError as exc:
+            self._settle_failed(exc, journal)
+            raise
+        if journal is not None:
+            journal.remove(self.id)  # type: ignore[arg-type]
+        return self.charged
+
+    # the commit journal: written before the first commit leaves, removed on a definite answer (journal.py)
+    def _journal_write(self, request: CommitRequest) -> Journal | None:
+        journal = self.client.journal
+        if journal is not None:
+            journal.write(self.id, request, self._settlement_event(request))  # type: ignore[arg-type]
+        return journal
+
+    def _expired(self, request: CommitRequest, journal: Journal | None) -> EventCreateRequest:
+        self.client.stats.expired_settled += 1
+        if journal is not None:
+            journal.update(self.id, mode="event")  # type: ignore[arg-type]
+        return self._settlement_event(request)
+
+    def _settle_failed(self, exc: CyclesError, journal: Journal | None) -> None:
+        self.client.heartbeat.forget(self)
+        if journal is not None and exc.code in TERMINAL_CODES:
+            journal.remove(self.id)  # type: ignore[arg-type]
+        # otherwise the record stays: client.recover() (and the next client start) sends it again, same key
+
+    @staticmethod
+    def _backoff(exc: CyclesError, attempt: int) -> float:
+        retry_after = exc.details.get("retry_after_ms") if isinstance(exc, LimitExceeded) else None
+        if isinstance(retry_after, int):
+            return retry_after / 1000
+        return COMMIT_BACKOFF_S * 2**attempt
 
     def _release_request(self, reason: str | None) -> ReleaseRequest:
         body: dict[str, Any] = {"idempotency_key": self.key + ":release"}

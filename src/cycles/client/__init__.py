@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ..context import current_scope, merge, subject_fields
 from ..errors import InvalidRequest
 from ..guard import ActionArg, EstimateArg, Reservation, as_action, as_amount
 from ..heartbeat import Heartbeat
+from ..journal import Journal, ReplayReport
 from ..ledger import Ledger, open_store
 from ..models import (
     Amount,
@@ -37,7 +39,10 @@ from .local import LocalTransport
 
 __all__ = ["Client", "Stats", "Transport", "default_client", "set_default_client"]
 
+log = logging.getLogger("cycles")
+
 DEFAULT_STORE = "sqlite:///.cycles/cycles.db"
+DEFAULT_JOURNAL = ".cycles/journal"
 DEFAULT_TENANT = "default"
 ENV_LEVELS = {level: f"CYCLES_{level.upper()}" for level in LEVELS}
 
@@ -76,6 +81,8 @@ class Client:
         shadow: bool = False,
         timeout: float = 5.0,
         clock: Any = None,
+        journal: str | os.PathLike[str] | bool | None = None,
+        recover: bool = True,
         **subject: Any,
     ) -> None:
         env = os.environ
@@ -98,11 +105,37 @@ class Client:
             self.transport = LocalTransport(Ledger(open_store(url), clock=clock, default_tenant=self.defaults["tenant"]))
         self.fail_open = fail_open if fail_open is not None else env.get("CYCLES_FAIL_OPEN", "").lower() in ("1", "true")
         self.shadow = shadow
+        self.journal = self._journal(journal, base_url)
         self.stats = Stats()
         self.heartbeat = Heartbeat(self)
         self.budgets = Budgets(self)
         self.tenants = Tenants(self)
         self.keys = Keys(self)
+        if recover and self.journal is not None:
+            self.recover()
+
+    def _journal(self, setting: Any, base_url: str | None) -> Journal | None:
+        """On by default against a server (a commit crosses the network); opt-in for the embedded ledger, whose
+        commits are local transactions. CYCLES_JOURNAL names a directory, or 0 to turn it off."""
+        env = os.environ.get("CYCLES_JOURNAL")
+        if setting is None and env is not None:
+            setting = False if env.lower() in ("0", "false", "off", "") else env
+        if setting is None:
+            setting = bool(base_url)
+        if setting is False:
+            return None
+        directory = DEFAULT_JOURNAL if setting is True else setting
+        authority = getattr(self.transport, "url", type(self.transport).__name__)
+        return Journal(directory, authority=authority, principal=self.tenant)
+
+    def recover(self, *, deadline_s: float = 5.0) -> ReplayReport:
+        """Send again the settlements a crash or exhausted retries left in the journal (same idempotency keys)."""
+        if self.journal is None:
+            return ReplayReport()
+        report = self.journal.replay(self.transport, deadline_s=deadline_s)
+        if report.settled or report.dropped or report.quarantined:
+            log.info("cycles journal replay: %s", report)
+        return report
 
     @property
     def tenant(self) -> str | None:
