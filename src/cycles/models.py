@@ -545,3 +545,62 @@ class ApiKeyListResponse(_Response):
     keys: list[ApiKey]
     next_cursor: str | None = None
     has_more: bool | None = None
+
+
+class ReservationTtlOverride(_Request):
+    default_ttl_ms: int | None = Field(None, strict=True, ge=1_000, le=86_400_000)
+    max_ttl_ms: int | None = Field(None, strict=True, ge=1_000, le=86_400_000)
+    max_extensions: NonNegativeInt64 | None = None
+
+
+class PolicyCreateRequest(_Request):
+    """Caps (and overage policy) for the scopes a pattern matches: "tenant:acme" (exactly), "tenant:acme/*"
+    (everything below), "agent:*" (that level anywhere). The highest priority matching policy wins."""
+
+    name: str = Field(min_length=1, max_length=256)
+    scope_pattern: str = Field(min_length=1, max_length=1024)
+    tenant_id: str | None = None
+    description: str | None = Field(None, max_length=1024)
+    priority: NonNegativeInt64 = 0
+    caps: Caps | None = None
+    commit_overage_policy: OveragePolicyName | None = None
+    reservation_ttl_override: ReservationTtlOverride | None = None
+    rate_limits: JsonObject | None = None
+    effective_from: str | None = None
+    effective_until: str | None = None
+
+
+class PolicyUpdateRequest(_Request):
+    name: str | None = Field(None, max_length=256)
+    description: str | None = Field(None, max_length=1024)
+    priority: NonNegativeInt64 | None = None
+    caps: Caps | None = None
+    commit_overage_policy: OveragePolicyName | None = None
+    reservation_ttl_override: ReservationTtlOverride | None = None
+    rate_limits: JsonObject | None = None
+    effective_from: str | None = None
+    effective_until: str | None = None
+    status: Literal["ACTIVE", "DISABLED"] | None = None
+
+
+class Policy(_Response):
+    policy_id: str
+    scope_pattern: str
+    status: Literal["ACTIVE", "DISABLED"]
+    created_at: str
+    name: str | None = None
+    description: str | None = None
+    priority: int = 0
+    caps: Caps | None = None
+    commit_overage_policy: OveragePolicyName | None = None
+    reservation_ttl_override: ReservationTtlOverride | None = None
+    rate_limits: JsonObject | None = None
+    effective_from: str | None = None
+    effective_until: str | None = None
+    updated_at: str | None = None
+
+
+class PolicyListResponse(_Response):
+    policies: list[Policy]
+    next_cursor: str | None = None
+    has_more: bool | None = None

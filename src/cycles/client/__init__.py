@@ -26,10 +26,12 @@ from ..models import (
     Balance,
     BudgetFundingResponse,
     BudgetLedger,
+    Caps,
     DecisionRequest,
     DecisionResponse,
     EventCreateRequest,
     EventCreateResponse,
+    Policy,
     ReservationDetail,
     Tenant,
 )
@@ -111,6 +113,7 @@ class Client:
         self.budgets = Budgets(self)
         self.tenants = Tenants(self)
         self.keys = Keys(self)
+        self.policies = Policies(self)
         if recover and self.journal is not None:
             self.recover()
 
@@ -422,6 +425,32 @@ class Tenants:
     def close(self, tenant_id: str) -> Tenant:
         """Irreversible: budgets closed, keys revoked, open reservations released."""
         return self.update(tenant_id, status="CLOSED")
+
+
+class Policies:
+    """client.policies: caps (max_tokens, tool allow/deny lists...) for the scopes a pattern matches."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(
+        self, scope_pattern: str, *, name: str | None = None, caps: Caps | dict[str, Any] | None = None,
+        priority: int = 0, tenant: str | None = None, **fields: Any,
+    ) -> Policy:  # fmt: skip
+        body: dict[str, Any] = {"name": name or scope_pattern, "scope_pattern": scope_pattern, "priority": priority}
+        if caps is not None:
+            body["caps"] = caps
+        body["tenant_id"] = tenant or self._client.tenant
+        return self._client.transport.admin.create_policy({**body, **fields})
+
+    def list(self, tenant: str | None = None) -> list[Policy]:
+        return self._client.transport.admin.list_policies(tenant_id=tenant or self._client.tenant).policies
+
+    def update(self, policy_id: str, **changes: Any) -> Policy:
+        return self._client.transport.admin.update_policy(policy_id, changes)
+
+    def disable(self, policy_id: str) -> Policy:
+        return self.update(policy_id, status="DISABLED")
 
 
 class Keys:

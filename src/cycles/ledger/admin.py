@@ -38,6 +38,10 @@ from ..models import (
     BudgetLedger,
     BudgetListResponse,
     BudgetUpdateRequest,
+    Policy,
+    PolicyCreateRequest,
+    PolicyListResponse,
+    PolicyUpdateRequest,
     SignedAmount,
     Tenant,
     TenantCreateRequest,
@@ -47,7 +51,7 @@ from ..models import (
 )
 from ..scopes import format_scope, parse_scope
 from .rules import canonical_json, decode_cursor, encode_cursor, fingerprint, iso, new_id, parse, parse_time_ms
-from .store import ApiKeyRecord, BudgetRecord, TenantRecord, Transaction
+from .store import ApiKeyRecord, BudgetRecord, PolicyRecord, TenantRecord, Transaction
 
 if TYPE_CHECKING:
     from .rules import Ledger
@@ -102,6 +106,21 @@ def ledger_model(b: BudgetRecord) -> BudgetLedger:
         period_end=b.period_end,
         created_at=iso(b.created_at_ms),  # type: ignore[arg-type]
         updated_at=iso(b.updated_at_ms),
+    )
+
+
+def policy_model(p: PolicyRecord) -> Policy:
+    return Policy.model_validate(
+        {
+            **p.body,
+            "policy_id": p.policy_id,
+            "name": p.name,
+            "scope_pattern": p.scope_pattern,
+            "priority": p.priority,
+            "status": p.status,
+            "created_at": iso(p.created_at_ms),
+            "updated_at": iso(p.updated_at_ms),
+        }
     )
 
 
@@ -409,6 +428,51 @@ class Admin:
             if req.idempotency_key is not None:
                 self.ledger._remember(tx, b.tenant_id, endpoint, req.idempotency_key, fp, response)
             return response
+
+    # --------------------------------------------------------------------------------------------------- policies
+    def create_policy(self, request: PolicyCreateRequest | Mapping[str, Any], *, tenant: str | None = None) -> Policy:
+        """Caps, overage policy and TTL overrides for the scopes a pattern matches (highest priority wins)."""
+        req = parse(PolicyCreateRequest, request)
+        if tenant is not None and req.tenant_id not in (None, tenant):
+            raise Forbidden("a tenant key may only create policies for its own tenant")
+        owner = tenant or req.tenant_id
+        if owner is None:
+            raise InvalidRequest("tenant_id is required")
+        for name in ("effective_from", "effective_until"):
+            parse_time_ms(getattr(req, name), name)
+        with self.ledger.begin() as (tx, now):
+            body = req.model_dump(
+                mode="json", exclude_none=True, exclude={"name", "scope_pattern", "tenant_id", "priority"}
+            )
+            p = PolicyRecord(new_id("pol_"), owner, req.name, req.scope_pattern, req.priority, "ACTIVE", now, now, body)
+            tx.put_policy(p)
+            return policy_model(p)
+
+    def list_policies(self, *, tenant: str | None = None, tenant_id: str | None = None) -> PolicyListResponse:
+        if tenant is not None and tenant_id not in (None, tenant):
+            raise Forbidden(f"tenant_id {tenant_id!r} is not the authenticated tenant")
+        owner = tenant or tenant_id
+        if owner is None:
+            raise InvalidRequest("tenant_id is required")
+        with self.ledger.begin() as (tx, _now):
+            return PolicyListResponse(policies=[policy_model(p) for p in tx.policies(owner)], has_more=False)
+
+    def update_policy(
+        self, policy_id: str, request: PolicyUpdateRequest | Mapping[str, Any], *, tenant: str | None = None
+    ) -> Policy:
+        req = parse(PolicyUpdateRequest, request)
+        with self.ledger.begin() as (tx, now):
+            p = tx.get_policy(policy_id)
+            if p is None or (tenant is not None and p.tenant_id != tenant):
+                raise NotFound(f"policy {policy_id!r} not found", details={"policy_id": policy_id})
+            changes = req.model_dump(mode="json", exclude_none=True)
+            p.name = changes.pop("name", p.name)
+            p.priority = changes.pop("priority", p.priority)
+            p.status = changes.pop("status", p.status)
+            p.body.update(changes)
+            p.updated_at_ms = now
+            tx.put_policy(p)
+            return policy_model(p)
 
     # --------------------------------------------------------------------------------------------------- api keys
     def create_api_key(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from fnmatch import fnmatchcase
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,7 +78,16 @@ from ..models import (
     SignedAmount,
 )
 from ..scopes import LEVELS, affected_scopes, format_scope
-from .store import BudgetRecord, EventRecord, ReservationFilter, ReservationRecord, Store, TenantRecord, Transaction
+from .store import (
+    BudgetRecord,
+    EventRecord,
+    PolicyRecord,
+    ReservationFilter,
+    ReservationRecord,
+    Store,
+    TenantRecord,
+    Transaction,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -187,6 +197,14 @@ def decode_cursor(cursor: str, query_hash: str) -> list[Any]:
     if cursor_hash != query_hash:
         raise InvalidRequest("cursor belongs to a different query: filters, windows and sort must stay the same")
     return position
+
+
+def pattern_matches(pattern: str, scope_path: str) -> bool:
+    """Policy scope patterns: "tenant:acme" (that scope), "tenant:acme/*" (below it), "agent:*" or
+    "*/agent:summarizer" (a level anywhere)."""
+    if pattern.startswith(("tenant:", "*")):
+        return fnmatchcase(scope_path, pattern)
+    return fnmatchcase(scope_path, pattern) or fnmatchcase(scope_path, "*/" + pattern)
 
 
 @dataclass(slots=True)
@@ -339,6 +357,18 @@ class Ledger:
                 details={"expires_at_ms": r.expires_at_ms},
             )
 
+    @staticmethod
+    def _policy(tx: Transaction, tenant: str, scope_path: str, now: int) -> PolicyRecord | None:
+        """The highest-priority active policy whose pattern matches the scope path (store order: priority desc)."""
+        for p in tx.policies(tenant):
+            if p.status != "ACTIVE" or not pattern_matches(p.scope_pattern, scope_path):
+                continue
+            start = parse_time_ms(p.body.get("effective_from"), "effective_from")
+            until = parse_time_ms(p.body.get("effective_until"), "effective_until")
+            if (start is None or start <= now) and (until is None or now <= until):
+                return p
+        return None
+
     def _evaluate(
         self, tx: Transaction, unit: str, scopes: list[str], estimate: int, *, blocking: bool = True
     ) -> tuple[list[BudgetRecord], Denial | None]:
@@ -462,10 +492,13 @@ class Ledger:
             budgets, denial = self._evaluate(tx, unit, scopes, estimate)
             if denial is not None and denial.reason_code == "BUDGET_EXCEEDED" and self._sweep(tx, now):
                 budgets, denial = self._evaluate(tx, unit, scopes, estimate)  # expired holds came back
+            policy = None if denial else self._policy(tx, owner, scopes[-1], now)
+            caps = policy.body.get("caps") if policy is not None else None
             if req.dry_run:
                 return ReservationCreateResponse.model_validate(
                     {
-                        "decision": "DENY" if denial else "ALLOW",
+                        "decision": "DENY" if denial else ("ALLOW_WITH_CAPS" if caps else "ALLOW"),
+                        "caps": caps,
                         "affected_scopes": scopes,
                         "scope_path": scopes[-1],
                         "reason_code": denial.reason_code if denial else None,
@@ -475,13 +508,19 @@ class Ledger:
                 )
             if denial is not None:
                 raise denial.error(unit)
-            ttl = req.ttl_ms if "ttl_ms" in req.model_fields_set or t is None else t.default_reservation_ttl_ms
-            ttl = min(ttl, t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS)
-            policy = req.overage_policy if "overage_policy" in req.model_fields_set else None
-            policy = policy or next(
+            ttl_override = (policy.body.get("reservation_ttl_override") if policy is not None else None) or {}
+            default_ttl = ttl_override.get("default_ttl_ms") or (
+                t.default_reservation_ttl_ms if t is not None else DEFAULT_TTL_MS
+            )
+            max_ttl = ttl_override.get("max_ttl_ms") or (t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS)
+            ttl = min(req.ttl_ms if "ttl_ms" in req.model_fields_set else default_ttl, max_ttl)
+            # overage policy precedence: request > policy > ledger (deepest first) > tenant default > ALLOW_IF_AVAILABLE
+            overage = req.overage_policy if "overage_policy" in req.model_fields_set else None
+            overage = overage or (policy.body.get("commit_overage_policy") if policy is not None else None)
+            overage = overage or next(
                 (b.commit_overage_policy for b in reversed(budgets) if b.commit_overage_policy), None
             )
-            policy = policy or (t.default_commit_overage_policy if t is not None else None) or "ALLOW_IF_AVAILABLE"
+            overage = overage or (t.default_commit_overage_policy if t is not None else None) or "ALLOW_IF_AVAILABLE"
             r = ReservationRecord(
                 reservation_id=new_id("res_"),
                 tenant=owner,
@@ -497,12 +536,13 @@ class Ledger:
                 created_at_ms=now,
                 expires_at_ms=now + ttl,
                 grace_ms=req.grace_period_ms,
-                overage_policy=policy,
+                overage_policy=overage,
                 metadata=req.metadata,
             )
             response = ReservationCreateResponse.model_validate(
                 {
-                    "decision": "ALLOW",
+                    "decision": "ALLOW_WITH_CAPS" if caps else "ALLOW",
+                    "caps": caps,
                     "reservation_id": r.reservation_id,
                     "reserved": amount(unit, estimate),
                     "expires_at_ms": r.expires_at_ms,
@@ -628,7 +668,7 @@ class Ledger:
         subject = self._subject(req.subject, tenant)
         scopes = affected_scopes(subject)
         fp = fingerprint(req)
-        with self.begin() as (tx, _now):
+        with self.begin() as (tx, now):
             owner = subject["tenant"]
             replay = self._replay(tx, owner, "decide", req.idempotency_key, fp, DecisionResponse)
             if replay is not None:
@@ -639,10 +679,15 @@ class Ledger:
                 response = DecisionResponse(decision=Decision.DENY, reason_code=reason, affected_scopes=scopes)
             else:
                 _budgets, denial = self._evaluate(tx, req.estimate.unit, scopes, req.estimate.amount)
-                response = DecisionResponse(
-                    decision=Decision.DENY if denial else Decision.ALLOW,
-                    reason_code=denial.reason_code if denial else None,
-                    affected_scopes=scopes,
+                policy = None if denial else self._policy(tx, owner, scopes[-1], now)
+                caps = policy.body.get("caps") if policy is not None else None
+                response = DecisionResponse.model_validate(
+                    {
+                        "decision": "DENY" if denial else ("ALLOW_WITH_CAPS" if caps else "ALLOW"),
+                        "caps": caps,
+                        "reason_code": denial.reason_code if denial else None,
+                        "affected_scopes": scopes,
+                    }
                 )
             self._remember(tx, owner, "decide", req.idempotency_key, fp, response)
             return response

@@ -22,6 +22,7 @@ from ..errors import InvalidRequest, StoreBusy
 from ..scopes import affected_scopes
 from .store import (
     ApiKeyRecord,
+    PolicyRecord,
     BudgetRecord,
     EventRecord,
     ReservationFilter,
@@ -75,6 +76,13 @@ CREATE TABLE IF NOT EXISTS events (
     unit TEXT NOT NULL, actual INTEGER NOT NULL, charged INTEGER NOT NULL, scope_path TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL, metadata TEXT, extra TEXT
 );
+
+CREATE TABLE IF NOT EXISTS policies (
+    policy_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, name TEXT NOT NULL, scope_pattern TEXT NOT NULL,
+    priority INTEGER NOT NULL, status TEXT NOT NULL, created_at_ms INTEGER NOT NULL, updated_at_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS policies_tenant ON policies (tenant_id);
 
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL,
@@ -383,6 +391,33 @@ class SQLiteTransaction:
             (
                 e.event_id, e.tenant, _dumps(e.subject), _dumps(e.action), e.unit, e.actual, e.charged, e.scope_path,
                 e.created_at_ms, _dump(e.metadata), _dump(e.extra or None),
+            ),
+        )  # fmt: skip
+
+    # --------------------------------------------------------------------------------------------------- policies
+    def policies(self, tenant_id: str) -> list[PolicyRecord]:
+        rows = self._db.execute(
+            "SELECT policy_id, tenant_id, name, scope_pattern, priority, status, created_at_ms, updated_at_ms, body "
+            "FROM policies WHERE tenant_id = ? ORDER BY priority DESC, created_at_ms DESC, policy_id",
+            (tenant_id,),
+        ).fetchall()
+        return [PolicyRecord(*row[:8], _loads(row[8])) for row in rows]
+
+    def get_policy(self, policy_id: str) -> PolicyRecord | None:
+        row = self._db.execute(
+            "SELECT policy_id, tenant_id, name, scope_pattern, priority, status, created_at_ms, updated_at_ms, body "
+            "FROM policies WHERE policy_id = ?",
+            (policy_id,),
+        ).fetchone()
+        return None if row is None else PolicyRecord(*row[:8], _loads(row[8]))
+
+    def put_policy(self, p: PolicyRecord) -> None:
+        self._db.execute(
+            "REPLACE INTO policies (policy_id, tenant_id, name, scope_pattern, priority, status, created_at_ms, "
+            "updated_at_ms, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                p.policy_id, p.tenant_id, p.name, p.scope_pattern, p.priority, p.status, p.created_at_ms,
+                p.updated_at_ms, _dumps(p.body),
             ),
         )  # fmt: skip
 

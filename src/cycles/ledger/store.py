@@ -125,6 +125,19 @@ class EventRecord:
 
 
 @dataclass(slots=True)
+class PolicyRecord:
+    policy_id: str
+    tenant_id: str
+    name: str
+    scope_pattern: str
+    priority: int
+    status: str
+    created_at_ms: int
+    updated_at_ms: int
+    body: dict[str, Any] = field(default_factory=dict)  # caps, commit_overage_policy, ttl override, dates...
+
+
+@dataclass(slots=True)
 class ReservationFilter:
     """Store-level filter of a reservation listing; windows are inclusive ms bounds."""
 
@@ -186,6 +199,11 @@ class Transaction(Protocol):
 
     # events
     def insert_event(self, event: EventRecord) -> None: ...
+
+    # policies
+    def policies(self, tenant_id: str) -> list[PolicyRecord]: ...
+    def get_policy(self, policy_id: str) -> PolicyRecord | None: ...
+    def put_policy(self, policy: PolicyRecord) -> None: ...
 
     # api keys
     def insert_key(self, key: ApiKeyRecord) -> None: ...
