@@ -213,7 +213,7 @@ class Reservation:
         self.estimate = as_amount(est(*args, **(kwargs or {})) if callable(est) else est, "estimate")
         self._run = context.run.get()
         parent = context.envelope.get()
-        if parent is not None and parent.client is self.client and parent.unit == self.estimate.unit:
+        if parent is not None and not self.dry_run and parent.client is self.client and parent.unit == self.estimate.unit:
             parent.draw(self.estimate.amount, self)
             self._parent, self.status, self.decision = parent, "NESTED", "ALLOW"
             return None

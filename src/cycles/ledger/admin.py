@@ -50,7 +50,7 @@ from ..models import (
     Unit,
 )
 from ..scopes import format_scope, parse_scope
-from .rules import canonical_json, decode_cursor, encode_cursor, fingerprint, iso, new_id, parse, parse_time_ms
+from .rules import canonical_json, check_int64, decode_cursor, encode_cursor, fingerprint, iso, new_id, parse, parse_time_ms
 from .store import ApiKeyRecord, BudgetRecord, PolicyRecord, TenantRecord, Transaction
 
 if TYPE_CHECKING:
@@ -406,8 +406,7 @@ class Admin:
                 if a > b.debt:
                     raise InvalidRequest(f"cannot repay {a}: the debt at {b.scope} is {b.debt}")
                 b.debt -= a
-            if b.allocated > 2**63 - 1:
-                raise InvalidRequest("allocated would exceed the int64 range")
+            check_int64(b)
             if b.is_over_limit and b.debt <= b.overdraft_limit and b.remaining >= 0:
                 b.is_over_limit = False
             b.updated_at_ms = now

@@ -55,6 +55,7 @@ from ..errors import (
     UnitMismatch,
 )
 from ..models import (
+    INT64_MAX,
     Amount,
     Balance,
     BalanceQuery,
@@ -197,6 +198,20 @@ def decode_cursor(cursor: str, query_hash: str) -> list[Any]:
     if cursor_hash != query_hash:
         raise InvalidRequest("cursor belongs to a different query: filters, windows and sort must stay the same")
     return position
+
+
+INT64_MIN = -(2**63)
+
+
+def check_int64(b: BudgetRecord, **new: int) -> None:
+    """Refuse (400, nothing written) a change that would take a ledger outside the int64 range of the wire."""
+    allocated, spent = new.get("allocated", b.allocated), new.get("spent", b.spent)
+    reserved, debt = new.get("reserved", b.reserved), new.get("debt", b.debt)
+    if max(allocated, spent, reserved, debt) > INT64_MAX or allocated - spent - reserved - debt < INT64_MIN:
+        raise InvalidRequest(
+            f"this operation would take the {b.unit} ledger at {b.scope} outside the int64 range",
+            details={"scope": b.scope, "unit": b.unit},
+        )
 
 
 def pattern_matches(pattern: str, scope_path: str) -> bool:
@@ -407,6 +422,8 @@ class Ledger:
         """Apply the same deltas to every budget, in the store (one write) and in memory (for the response)."""
         if not budgets:
             return
+        for b in budgets:
+            check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
         tx.move(budgets[0].unit, [b.scope for b in budgets], reserved=reserved, spent=spent, debt=debt)
         for b in budgets:
             b.reserved += reserved
