@@ -59,6 +59,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EstimateArg = Amount | Callable[..., Amount]
 ActionArg = Action | tuple[str, str] | dict[str, Any] | str | None
 
+RESERVE_ATTEMPTS = 3
 COMMIT_ATTEMPTS = 5
 COMMIT_BACKOFF_S = 0.05
 
@@ -98,6 +99,9 @@ class Envelope(Protocol):
 
     client: Client
     unit: str
+    active: bool
+    decision: str | None
+    caps: Caps | None
 
     def draw(self, amount: int, child: Reservation) -> None: ...
     def settle(self, held: int, used: int) -> None: ...
@@ -213,9 +217,16 @@ class Reservation:
         self.estimate = as_amount(est(*args, **(kwargs or {})) if callable(est) else est, "estimate")
         self._run = context.run.get()
         parent = context.envelope.get()
-        if parent is not None and not self.dry_run and parent.client is self.client and parent.unit == self.estimate.unit:
+        if (
+            parent is not None
+            and parent.active
+            and not self.dry_run
+            and parent.client is self.client
+            and parent.unit == self.estimate.unit
+        ):
             parent.draw(self.estimate.amount, self)
-            self._parent, self.status, self.decision = parent, "NESTED", "ALLOW"
+            self._parent, self.status = parent, "NESTED"
+            self.decision, self.caps = parent.decision, parent.caps  # the enclosing hold's caps apply inside it
             return None
         self.subject = self.client.subject(self._subject)
         body: dict[str, Any] = {
@@ -288,28 +299,43 @@ class Reservation:
         return self
 
     def begin(self, *args: Any, **kwargs: Any) -> Reservation:
-        """Reserve (or draw from the enclosing envelope); the estimate callable gets these arguments."""
+        """Reserve (or draw from the enclosing envelope); the estimate callable gets these arguments.
+
+        A transient failure (unreachable, throttled, 5xx) is retried with the same idempotency key, so a reserve
+        whose answer was lost is not held twice; then the client fails closed, or open when configured."""
         request = self._prepare(args, kwargs)
-        if request is not None:
+        if request is None:
+            return self
+        for attempt in range(RESERVE_ATTEMPTS):
             began = time.monotonic()
             try:
                 response = self.client.transport.reserve(request)
             except CyclesError as exc:
+                if _transient(exc) and attempt < RESERVE_ATTEMPTS - 1:
+                    time.sleep(self._backoff(exc, attempt))
+                    continue
                 self._unreachable(exc)
-            else:
-                self._admitted(response, time.monotonic() - began)
+                return self
+            self._admitted(response, time.monotonic() - began)
+            return self
         return self
 
     async def abegin(self, *args: Any, **kwargs: Any) -> Reservation:
         request = self._prepare(args, kwargs)
-        if request is not None:
+        if request is None:
+            return self
+        for attempt in range(RESERVE_ATTEMPTS):
             began = time.monotonic()
             try:
                 response = await self.client.transport.areserve(request)
             except CyclesError as exc:
+                if _transient(exc) and attempt < RESERVE_ATTEMPTS - 1:
+                    await asyncio.sleep(self._backoff(exc, attempt))
+                    continue
                 self._unreachable(exc)
-            else:
-                self._admitted(response, time.monotonic() - began)
+                return self
+            self._admitted(response, time.monotonic() - began)
+            return self
         return self
 
     # -------------------------------------------------------------------------------------------------- exit
@@ -347,7 +373,11 @@ class Reservation:
         self._exit_context()
         if self.status not in ("ACTIVE", "NESTED"):
             return
-        used = self._outcome(exc is not None, result)
+        try:
+            used = self._outcome(exc is not None, result)
+        except BaseException:  # the actual could not be worked out: give the hold back, then let it propagate
+            self.release(reason="actual could not be computed")
+            raise
         if self.status == "NESTED":
             self._finish_nested(used)
         elif used is None:
@@ -359,7 +389,11 @@ class Reservation:
         self._exit_context()
         if self.status not in ("ACTIVE", "NESTED"):
             return
-        used = self._outcome(exc is not None, result)
+        try:
+            used = self._outcome(exc is not None, result)
+        except BaseException:
+            await self.arelease(reason="actual could not be computed")
+            raise
         if self.status == "NESTED":
             self._finish_nested(used)
         elif used is None:
