@@ -234,4 +234,7 @@ def error_for_code(
     cls = _BY_CODE.get(code)
     if cls is None:
         return CyclesError(message, code=code, status=status, details=details, request_id=request_id, trace_id=trace_id)
-    return cls(message, details=details, request_id=request_id, trace_id=trace_id)
+    error = cls(message, details=details, request_id=request_id, trace_id=trace_id)
+    if status is not None and status != error.status:  # e.g. 413 carries INVALID_REQUEST
+        error.status = status  # type: ignore[misc]
+    return error

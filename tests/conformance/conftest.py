@@ -1,7 +1,10 @@
 """The conformance suite runs, unchanged, against every budget authority: one fixture per kind.
 
 A test sees `authority` (the Ledger API: runtime operations with the effective `tenant=`, and `.admin`) and the
-`clock` it runs on. Adding a store or a transport (Redis, HTTP) means adding a parameter here, not tests.
+`clock` it runs on. Adding a store or a transport means adding a parameter here, not tests:
+- sqlite-file, sqlite-memory: the embedded ledger;
+- http: the same ledger behind `cycles serve`'s app on loopback, driven through cycles.client.http (a tenant's
+  calls carry an API key of that tenant; admin calls the admin key).
 """
 
 from __future__ import annotations
@@ -12,14 +15,30 @@ import pytest
 
 from cycles.ledger import Ledger, SQLiteStore
 
-AUTHORITIES = ["sqlite-file", "sqlite-memory"]
+AUTHORITIES = ["sqlite-file", "sqlite-memory", "http"]
+
+# Where the HTTP surface deliberately answers otherwise than the ledger (tests marked embedded_only(reason)):
+TENANT_KEYS = (
+    "over HTTP the API keys of a SUSPENDED or CLOSED tenant fail authentication (401, PROTOCOL.md section 9), so "
+    "its calls never reach the ledger rules tested here"
+)
+ADMIN_ONLY = "budget updates, freezes and API keys are admin-key operations on the wire (admin spec)"
 
 
 @pytest.fixture(params=AUTHORITIES)
 def authority(request: pytest.FixtureRequest, tmp_path, clock) -> Iterator[Ledger]:
-    if request.param == "sqlite-file":
-        store = SQLiteStore(tmp_path / "cycles.db")
-    else:
+    if request.param == "sqlite-memory":
         store = SQLiteStore(":memory:")
-    yield Ledger(store, clock=clock)
+    else:
+        store = SQLiteStore(tmp_path / "cycles.db")
+    ledger = Ledger(store, clock=clock)
+    if request.param == "http":
+        if request.node.get_closest_marker("embedded_only"):
+            pytest.skip(request.node.get_closest_marker("embedded_only").args[0])
+        from cycles.server.testing import serve_authority
+
+        with serve_authority(ledger) as authority:
+            yield authority  # type: ignore[misc]
+    else:
+        yield ledger
     store.close()

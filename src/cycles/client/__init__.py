@@ -77,6 +77,7 @@ class Client:
         base_url: str | None = None,
         *,
         api_key: str | None = None,
+        admin_api_key: str | None = None,
         store: str | None = None,
         transport: Transport | None = None,
         fail_open: bool | None = None,
@@ -94,13 +95,19 @@ class Client:
         }
         if subject:
             raise TypeError(f"unknown Client argument(s): {', '.join(subject)}")
-        base_url = base_url or env.get("CYCLES_BASE_URL")
+        if base_url is None and store is None:  # an explicit store means embedded, whatever the environment says
+            base_url = env.get("CYCLES_BASE_URL")
         if transport is not None:
             self.transport = transport
         elif base_url:
             from .http import HttpTransport
 
-            self.transport = HttpTransport(base_url, api_key=api_key or env.get("CYCLES_API_KEY"), timeout=timeout)
+            self.transport = HttpTransport(
+                base_url,
+                api_key=api_key or env.get("CYCLES_API_KEY"),
+                admin_api_key=admin_api_key or env.get("CYCLES_ADMIN_API_KEY"),
+                timeout=timeout,
+            )
         else:
             self.defaults.setdefault("tenant", DEFAULT_TENANT)
             url = store or env.get("CYCLES_STORE") or DEFAULT_STORE

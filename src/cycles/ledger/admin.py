@@ -13,6 +13,7 @@ import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..amounts import format_amount
 from ..errors import (
     BudgetExceeded,
     BudgetFrozen,
@@ -169,6 +170,7 @@ class Admin:
             return tenant_model(self._tenant(tx, tenant_id))
 
     def list_tenants(self, *, cursor: str | None = None, limit: int = 50) -> TenantListResponse:
+        _check_limit(limit)
         after = decode_cursor(cursor, "tenants")[0] if cursor else None
         with self.ledger.begin() as (tx, _now):
             rows = tx.list_tenants(after, limit + 1)
@@ -298,8 +300,7 @@ class Admin:
     ) -> BudgetListResponse:
         if tenant is not None and tenant_id is not None and tenant_id != tenant:
             raise Forbidden(f"tenant_id {tenant_id!r} is not the authenticated tenant")
-        if not 1 <= limit <= 200:
-            raise InvalidRequest("limit must be between 1 and 200")
+        _check_limit(limit)
         owner = tenant or tenant_id
         unit_value = _unit(unit) if unit is not None else None
         query_hash = canonical_json([owner, scope_prefix, unit_value])
@@ -393,7 +394,8 @@ class Admin:
             elif req.operation == "DEBIT":
                 if a > b.remaining:
                     raise BudgetExceeded(
-                        f"cannot debit {a} from {b.scope}: only {b.remaining} remaining",
+                        f"cannot debit {format_amount(b.unit, a)} from {b.scope}: "
+                        f"only {format_amount(b.unit, b.remaining)} remaining",
                         details={"scope": b.scope, "unit": b.unit, "requested": a, "remaining": b.remaining},
                     )
                 b.allocated -= a
@@ -489,6 +491,8 @@ class Admin:
             if t.status == "CLOSED":
                 raise TenantClosed(f"tenant {req.tenant_id!r} is closed")
             expires = parse_time_ms(req.expires_at, "expires_at") if req.expires_at else now + KEY_LIFETIME_MS
+            if expires is not None and expires <= now:
+                raise InvalidRequest("expires_at must be in the future")
             k = ApiKeyRecord(
                 key_id=new_id("key_"),
                 tenant_id=req.tenant_id,
@@ -518,6 +522,7 @@ class Admin:
     ) -> ApiKeyListResponse:
         if tenant is not None and tenant_id is not None and tenant_id != tenant:
             raise Forbidden(f"tenant_id {tenant_id!r} is not the authenticated tenant")
+        _check_limit(limit)
         owner = tenant or tenant_id
         after = decode_cursor(cursor, f"keys:{owner}")[0] if cursor else None
         with self.ledger.begin() as (tx, _now):
@@ -563,7 +568,8 @@ class Admin:
         if not secret or len(secret) > 256:
             raise Unauthorized("missing or malformed API key")
         digest = hash_secret(secret)
-        with self.ledger.begin() as (tx, now):
+        with self.ledger.store.transaction(readonly=True) as tx:
+            now = self.ledger._now(tx)
             k = tx.get_key_by_hash(digest)
             t = tx.get_tenant(k.tenant_id) if k is not None else None
         if k is None or not hmac.compare_digest(k.key_hash, digest):
@@ -580,3 +586,8 @@ def _unit(unit: str | Unit) -> str:
         return Unit(unit).value
     except ValueError:
         raise InvalidRequest(f"unknown unit {unit!r}: one of {', '.join(u.value for u in Unit)}") from None
+
+
+def _check_limit(limit: int) -> None:
+    if not isinstance(limit, int) or not 1 <= limit <= 200:
+        raise InvalidRequest(f"limit must be between 1 and 200, got {limit!r}")

@@ -93,6 +93,7 @@ from .store import (
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_TTL_MS = 60_000
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: timestamps stay printable
 DEFAULT_MAX_TTL_MS = 3_600_000
 DEFAULT_MAX_EXTENSIONS = 10
 SWEEP_BATCH = 500
@@ -150,14 +151,18 @@ def parse_time_ms(text: str | None, field: str) -> int | None:
     if text is None:
         return None
     if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{field} must be an ISO-8601 timestamp, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
+        ms = int(text)
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            ms = int(moment.timestamp() * 1000)
+        except (ValueError, OverflowError):
+            raise InvalidRequest(f"{field} must be an ISO-8601 timestamp, got {text!r}") from None
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise InvalidRequest(f"{field} must fall between 1970 and 9999, got {text!r}")
+    return ms
 
 
 def amount(unit: str, value: int) -> dict[str, Any]:

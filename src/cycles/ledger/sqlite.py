@@ -498,11 +498,12 @@ class SQLiteStore:
         return exc
 
     @contextmanager
-    def transaction(self) -> Iterator[SQLiteTransaction]:
+    def transaction(self, *, readonly: bool = False) -> Iterator[SQLiteTransaction]:
+        """One atomic operation. Writers take the write lock up front (BEGIN IMMEDIATE); read-only work does not."""
         with self._lock:
             db = self._db if self._pid == os.getpid() and self._db is not None else self._connect()
             try:
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise self._busy(exc) from exc
             try:

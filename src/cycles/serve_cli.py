@@ -1,0 +1,100 @@
+"""`cycles serve`: run the Cycles server (runtime API under /v1, admin API under /v1/admin) with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+DEFAULT_STORE = "sqlite:///.cycles/cycles.db"
+
+
+def serve(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CYCLES_STORE",
+            show_default=DEFAULT_STORE,
+            help="Ledger store URL: sqlite:///path/to/cycles.db or sqlite://:memory:.",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 for every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 7878,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes sharing the store (1 = in-process).")] = 1,
+    admin_api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CYCLES_ADMIN_API_KEY",
+            show_default=False,
+            help="Secret of the X-Admin-API-Key header. Without one the /v1/admin routes are not mounted. "
+            "Prefer the environment variable: command lines are visible to other users.",
+        ),
+    ] = None,
+    sweep_interval: Annotated[
+        float, typer.Option(min=0.0, help="Seconds between expiry sweeps (one worker sweeps at a time); 0 = off.")
+    ] = 1.0,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug.")] = "info",
+    graceful_timeout: Annotated[
+        float, typer.Option(min=0.0, help="Seconds in-flight requests get to finish on shutdown (SIGINT/SIGTERM).")
+    ] = 10.0,
+) -> None:
+    """Serve the Cycles protocol v0 over HTTP on a ledger store.
+
+    Options:
+      --store            ledger store URL (env CYCLES_STORE; default sqlite:///.cycles/cycles.db)
+      --host / --port    where to listen (default 127.0.0.1:7878)
+      --workers N        worker processes (N > 1 needs a file store; one of them runs the expiry sweep)
+      --admin-api-key    X-Admin-API-Key secret (env CYCLES_ADMIN_API_KEY); without it no admin routes
+      --sweep-interval   seconds between expiry sweeps (default 1; 0 disables the timer)
+      --log-level        uvicorn log level (default info)
+      --graceful-timeout seconds to finish in-flight requests on shutdown (default 10)
+
+    Endpoints: POST and GET /v1/reservations, GET /v1/reservations/ID, POST /v1/reservations/ID/commit, release
+    and extend, POST /v1/decide, GET /v1/balances, POST /v1/events; /v1/admin/tenants, budgets and api-keys;
+    GET /v1/auth/introspect; GET /healthz and /readyz.
+    """
+    import uvicorn
+
+    root = ctx.find_root().obj if ctx is not None else None  # `cycles --store X serve`: the global option
+    store = store or getattr(root, "store", None) or DEFAULT_STORE
+
+    if workers > 1 and (":memory:" in store):
+        raise typer.BadParameter(
+            "an in-memory store cannot be shared by several workers: use a sqlite file", param_hint="--store"
+        )
+    # the factory reads its settings from the environment, so every worker process builds the same app
+    os.environ["CYCLES_STORE"] = store
+    os.environ["CYCLES_SWEEP_INTERVAL"] = str(sweep_interval)
+    if admin_api_key:
+        os.environ["CYCLES_ADMIN_API_KEY"] = admin_api_key
+    else:
+        os.environ.pop("CYCLES_ADMIN_API_KEY", None)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if workers == 1:
+        from .server import app_from_env  # fail fast (bad store URL, missing extra) before binding the port
+
+        app: object = app_from_env()
+    else:
+        app = "cycles.server:app_from_env"
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        factory=workers > 1,
+        host=host,
+        port=port,
+        workers=workers if workers > 1 else None,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=graceful_timeout,
+        server_header=False,
+        http="cycles.server.protocol:H11NoDelayProtocol",  # TCP_NODELAY, also on the sockets of --workers N
+    )
+
+
+def main() -> None:  # `python -m cycles.serve_cli`
+    typer.run(serve)
+
+
+if __name__ == "__main__":
+    main()

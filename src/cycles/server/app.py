@@ -1,0 +1,113 @@
+"""Build the ASGI app: runtime routes, admin routes (only with an admin key), health checks, the expiry sweep.
+
+    from cycles.ledger import open_ledger
+    from cycles.server import create_app
+    app = create_app(open_ledger("sqlite:///cycles.db"), admin_api_key="...")
+
+`app_from_env()` is the factory uvicorn workers call (`uvicorn --factory cycles.server:app_from_env`): it reads
+CYCLES_STORE (default sqlite:///.cycles/cycles.db), CYCLES_ADMIN_API_KEY and CYCLES_SWEEP_INTERVAL (seconds, default
+1; 0 disables the sweep).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from ..errors import CyclesError
+from ..ledger import Ledger, open_store
+from .admin import AdminAPI
+from .auth import Authenticator
+from .errors import CorrelationMiddleware, cycles_error_handler, http_error_handler, overflow_handler
+from .runtime import RuntimeAPI
+from .sweep import Sweeper, lock_path_for
+from .wire import json_response
+
+log = logging.getLogger("cycles.server")
+
+DEFAULT_STORE = "sqlite:///.cycles/cycles.db"
+
+
+def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: float | None = 1.0) -> Starlette:
+    """The Cycles server over `ledger`.
+
+    `admin_api_key`: the secret of `X-Admin-API-Key`; without one the admin routes are not mounted (and logged so).
+    `sweep_interval`: seconds between expiry sweeps started with the app's lifespan; None or 0 disables the timer
+    (reads and the hot paths still sweep what they need, see Ledger).
+    """
+    auth = Authenticator(ledger, admin_api_key)
+    runtime = RuntimeAPI(ledger, auth)
+    admin = AdminAPI(ledger, auth)
+
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        def ping() -> None:
+            with ledger.store.transaction():
+                pass
+
+        try:
+            await run_in_threadpool(ping)
+        except Exception as exc:
+            log.warning("readiness check failed: %s", type(exc).__name__)
+            return json_response({"status": "unavailable", "reason": type(exc).__name__}, 503)
+        return json_response({"status": "ready"})
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *runtime.routes(),
+        Route("/v1/auth/introspect", admin.introspect, methods=["GET"]),
+    ]
+    if auth.admin_enabled:
+        routes += admin.routes()
+    else:
+        log.warning("no admin API key configured (CYCLES_ADMIN_API_KEY): the /v1/admin routes are not mounted")
+
+    sweeper = Sweeper(ledger, sweep_interval, lock_path_for(ledger)) if sweep_interval else None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if sweeper is not None:
+            sweeper.start()
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                await sweeper.stop()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(CorrelationMiddleware)],
+        exception_handlers={
+            CyclesError: cycles_error_handler,
+            HTTPException: http_error_handler,
+            OverflowError: overflow_handler,
+        },
+        lifespan=lifespan,
+    )
+    app.state.ledger = ledger
+    app.state.sweeper = sweeper
+    app.state.admin_enabled = auth.admin_enabled
+    return app
+
+
+def app_from_env() -> Starlette:
+    """The app for `uvicorn --factory`: store, admin key and sweep interval from the environment."""
+    url = os.environ.get("CYCLES_STORE") or DEFAULT_STORE
+    interval = float(os.environ.get("CYCLES_SWEEP_INTERVAL") or 1.0)
+    ledger = Ledger(open_store(url))
+    return create_app(
+        ledger, admin_api_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None, sweep_interval=interval or None
+    )
