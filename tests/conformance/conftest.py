@@ -37,8 +37,14 @@ def authority(request: pytest.FixtureRequest, tmp_path, clock) -> Iterator[Ledge
             pytest.skip(request.node.get_closest_marker("embedded_only").args[0])
         from cycles.server.testing import serve_authority
 
-        with serve_authority(ledger) as authority:
+        from ..server.conftest import Recorder, check_exchanges
+
+        recorders: list[Recorder] = []
+        with serve_authority(ledger, wrap=lambda app: recorders.append(Recorder(app)) or recorders[-1]) as authority:
             yield authority  # type: ignore[misc]
+        # every response the suite received: correlation headers, no 5xx, the official schema (when present)
+        problems = check_exchanges(recorders[0].exchanges)
+        assert not problems, "responses off the protocol:\n" + "\n".join(problems)
     else:
         yield ledger
     store.close()

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -337,11 +337,15 @@ def _query(query: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def serve_authority(ledger: Ledger, *, admin_api_key: str | None = None) -> Iterator[HttpAuthority]:
-    """`ledger` served on the shared live server (no timer sweep: tests call `.sweep()`), as an HttpAuthority."""
+def serve_authority(
+    ledger: Ledger, *, admin_api_key: str | None = None, wrap: Callable[[ASGIApp], ASGIApp] | None = None
+) -> Iterator[HttpAuthority]:
+    """`ledger` served on the shared live server (no timer sweep: tests call `.sweep()`), as an HttpAuthority.
+    `wrap` may put ASGI middleware (e.g. a response recorder) around the app."""
     admin_api_key = admin_api_key or "admin-" + os.urandom(16).hex()
     server, dispatcher = shared_server()
-    prefix = dispatcher.add(create_app(ledger, admin_api_key=admin_api_key, sweep_interval=None))
+    app = create_app(ledger, admin_api_key=admin_api_key, sweep_interval=None)
+    prefix = dispatcher.add(wrap(app) if wrap is not None else app)
     authority = HttpAuthority(server.url + prefix, admin_api_key, ledger=ledger)
     try:
         yield authority
