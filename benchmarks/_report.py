@@ -22,12 +22,16 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
 def machine() -> str:
     import os
 
-    return f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, {platform.machine()}"
+    )
 
 
 def record(section: str, markdown: str) -> None:
     """Replace this script's section of RESULTS.md (keeps the other scripts' sections)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by its script.\n"
+    text = (
+        RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by its script.\n"
+    )
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     body = f"<!-- {section}:start -->\n## {section}\n\n_{stamp} · {machine()} · `python {' '.join(sys.argv)}`_\n\n{markdown.strip()}\n<!-- {section}:end -->"
     pattern = re.compile(rf"<!-- {re.escape(section)}:start -->.*?<!-- {re.escape(section)}:end -->", re.S)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .scopes import LEVELS, parse_scope
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-_subject: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cycles_subject", default={})
+_subject: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "cycles_subject", default=MappingProxyType({})
+)
 envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextVar("cycles_envelope", default=None)
 reservation: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("cycles_reservation", default=None)
 run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("cycles_run", default=None)
@@ -38,10 +41,10 @@ def subject_fields(scope_text: str | None = None, **fields: Any) -> dict[str, An
     return out
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """`extra` wins per level; dimensions merge key by key."""
     if not extra:
-        return base
+        return dict(base)
     merged = {**base, **extra}
     if "dimensions" in base and "dimensions" in extra:
         merged["dimensions"] = {**base["dimensions"], **extra["dimensions"]}

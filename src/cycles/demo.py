@@ -409,4 +409,3 @@ def _report(
 
             balances = list(level_balances(client).values())
             console.print(balance_table(balances, title="the ledger, every level of the demo scope"))
-

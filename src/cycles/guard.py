@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from contextlib import contextmanager
 import inspect
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import context
@@ -211,7 +211,9 @@ class Reservation:
         return f"reservation:{self.id}" if self.id else f"{self.action.kind}:{self.action.name}"
 
     # ------------------------------------------------------------------------------------------------- enter
-    def _prepare(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> ReservationCreateRequest | None:
+    def _prepare(
+        self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> ReservationCreateRequest | None:
         """Resolve the estimate; draw from an enclosing envelope (returns None) or build the reserve request."""
         est = self._estimate_arg
         self.estimate = as_amount(est(*args, **(kwargs or {})) if callable(est) else est, "estimate")
@@ -641,7 +643,9 @@ class Run:
         self.client = client or default_client()
         self.limit = limit
         self.run_id = run_id or "run_" + os.urandom(8).hex()
-        self.action = as_action(action, default_name=self.run_id) if action else Action(kind="agent.run", name=self.run_id)
+        self.action = (
+            as_action(action, default_name=self.run_id) if action else Action(kind="agent.run", name=self.run_id)
+        )
         self._subject = subject
         self.reservation: Reservation | None = None
         self.unit = limit.unit if limit is not None else "USD_MICROCENTS"

@@ -61,7 +61,9 @@ class Journal:
     def path(self, reservation_id: str) -> Path:
         return self.dir / record_name(reservation_id)
 
-    def write(self, reservation_id: str, commit: CommitRequest, event: EventCreateRequest, mode: str = "commit") -> None:
+    def write(
+        self, reservation_id: str, commit: CommitRequest, event: EventCreateRequest, mode: str = "commit"
+    ) -> None:
         self._save(
             {
                 "version": RECORD_VERSION,

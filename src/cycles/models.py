@@ -103,9 +103,10 @@ class Subject(_Request):
     workflow: str | None = Field(None, max_length=128)
     agent: str | None = Field(None, max_length=128)
     toolset: str | None = Field(None, max_length=128)
-    dimensions: Annotated[
-        dict[str, Annotated[str, Field(max_length=256)]], PlainSerializer(_sorted_keys, when_used="json")
-    ] | None = Field(None, max_length=16)
+    dimensions: (
+        Annotated[dict[str, Annotated[str, Field(max_length=256)]], PlainSerializer(_sorted_keys, when_used="json")]
+        | None
+    ) = Field(None, max_length=16)
 
     @field_validator(*LEVELS)
     @classmethod

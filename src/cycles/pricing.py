@@ -242,7 +242,8 @@ def normalize_usage(usage: Any) -> TokenUsage:
     - OpenAI responses: input_tokens, output_tokens, input_tokens_details.cached_tokens,
       output_tokens_details.reasoning_tokens;
     - LlamaIndex: a response whose `raw` carries one of the above (or whose additional_kwargs hold
-      prompt_tokens/completion_tokens), or a TokenCountingHandler-style prompt_llm_token_count/completion_llm_token_count.
+      prompt_tokens/completion_tokens), or TokenCountingHandler-style prompt_llm_token_count and
+      completion_llm_token_count.
     Objects or dicts alike; anything else gives an empty usage.
     """
     if usage is None:

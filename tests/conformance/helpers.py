@@ -67,8 +67,11 @@ def event(authority, subject: dict[str, str], actual: int, *, tenant: str = "acm
 def ledger_state(authority, scope: str, unit: str = USD, tenant: str = "acme") -> dict[str, int | bool]:
     """allocated/spent/reserved/debt/remaining/is_over_limit of one ledger, read through balances."""
     fields = dict(part.split(":", 1) for part in scope.split("/"))
-    rows = [b for b in authority.balances({**fields, "include_children": False}, tenant=tenant).balances
-            if b.scope == scope and b.remaining.unit == unit]
+    rows = [
+        b
+        for b in authority.balances({**fields, "include_children": False}, tenant=tenant).balances
+        if b.scope == scope and b.remaining.unit == unit
+    ]
     assert len(rows) == 1, f"no {unit} ledger at {scope}"
     b = rows[0]
     return {

@@ -308,8 +308,18 @@ def test_duplicate_budget_is_409_but_another_unit_is_fine(authority):
     assert ledger_state(authority, T, "CREDITS")["allocated"] == 300
 
 
-BAD_SCOPES = ["agent:bot", "workspace:w/tenant:acme", "tenant:acme/colour:red", "tenant:ac me", "tenant:acme/", "",
-              "tenant:acme//agent:x", "tenant:acme/agent:a/agent:b", "tenant:acme/agent:bot/workspace:w", "tenant"]
+BAD_SCOPES = [
+    "agent:bot",
+    "workspace:w/tenant:acme",
+    "tenant:acme/colour:red",
+    "tenant:ac me",
+    "tenant:acme/",
+    "",
+    "tenant:acme//agent:x",
+    "tenant:acme/agent:a/agent:b",
+    "tenant:acme/agent:bot/workspace:w",
+    "tenant",
+]
 
 
 def test_invalid_budget_scopes_are_400(authority):

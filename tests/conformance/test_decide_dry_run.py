@@ -98,7 +98,9 @@ def test_dry_run_balances_are_the_pre_state_when_present(authority):
         assert {b.scope: b.remaining.amount for b in r.balances} == {T: 1_000, A: 500}
 
 
-@pytest.mark.parametrize(("setup", "reason"), DENIALS, ids=[d.values[1] if hasattr(d, "values") else d[1] for d in DENIALS])
+@pytest.mark.parametrize(
+    ("setup", "reason"), DENIALS, ids=[d.values[1] if hasattr(d, "values") else d[1] for d in DENIALS]
+)
 def test_dry_run_reports_budget_state_denials_as_deny(authority, setup, reason):
     setup(authority)
     with unchanged(authority):
@@ -154,7 +156,9 @@ def test_decide_holds_nothing(authority):
     assert reserve(authority, SUBJECT, 100).decision == "ALLOW"
 
 
-@pytest.mark.parametrize(("setup", "reason"), DENIALS, ids=[d.values[1] if hasattr(d, "values") else d[1] for d in DENIALS])
+@pytest.mark.parametrize(
+    ("setup", "reason"), DENIALS, ids=[d.values[1] if hasattr(d, "values") else d[1] for d in DENIALS]
+)
 def test_decide_reports_budget_state_denials_as_deny(authority, setup, reason):
     setup(authority)
     with unchanged(authority):

@@ -219,7 +219,6 @@ def test_invalid_events_are_400(authority):
     refused_each(authority, INVALID_EVENTS, attempt, InvalidRequest, "INVALID_REQUEST", 400)
 
 
-
 def test_event_required_fields(authority):
     budgets(authority, {T: 1_000})
 

@@ -57,7 +57,9 @@ def test_highest_priority_wins_and_disabled_policies_do_not_apply(funded):
 
 
 def test_caps_in_dry_run_and_decide(funded):
-    funded.admin.create_policy({"name": "p", "scope_pattern": "agent:*", "tenant_id": "acme", "caps": {"max_tokens": 5}})
+    funded.admin.create_policy(
+        {"name": "p", "scope_pattern": "agent:*", "tenant_id": "acme", "caps": {"max_tokens": 5}}
+    )
     dry = reserve(funded, SUBJECT, 100, dry_run=True)
     assert dry.decision == "ALLOW_WITH_CAPS" and dry.caps.max_tokens == 5 and dry.reservation_id is None
     decided = funded.decide(

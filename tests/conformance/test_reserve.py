@@ -381,4 +381,3 @@ def test_closed_tenant_cannot_reserve(authority):
     set_status(authority, "acme", "CLOSED")
     with refused(authority, TenantClosed, "TENANT_CLOSED", 409):
         reserve(authority, SUBJECT, 1)
-

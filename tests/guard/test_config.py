@@ -48,7 +48,10 @@ def test_environment_configures_store_tenant_and_levels(env_client):
     try:
         assert_settled(
             other,
-            {"tenant:acme": 5 * CENT, "tenant:acme/workspace:prod/app:shop/workflow:refund/agent:bot/toolset:web": 5 * CENT},
+            {
+                "tenant:acme": 5 * CENT,
+                "tenant:acme/workspace:prod/app:shop/workflow:refund/agent:bot/toolset:web": 5 * CENT,
+            },
         )
     finally:
         other.close()

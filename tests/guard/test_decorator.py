@@ -205,9 +205,7 @@ def test_decorator_dry_run(client):
 
 
 async def test_coroutine_function(client):
-    @cycles.guard(
-        estimate=lambda x: cycles.usd(0.01 * x), actual=lambda result: cycles.usd(result), client=client
-    )
+    @cycles.guard(estimate=lambda x: cycles.usd(0.01 * x), actual=lambda result: cycles.usd(result), client=client)
     async def work(x):
         """Async work."""
         await asyncio.sleep(0)

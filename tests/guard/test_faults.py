@@ -29,7 +29,12 @@ class FaultyTransport(LocalTransport):
     """
 
     def __init__(
-        self, inner: LocalTransport, *, reserve_failures: int = 0, commit_failures: int = 0, lost_commit_responses: int = 0
+        self,
+        inner: LocalTransport,
+        *,
+        reserve_failures: int = 0,
+        commit_failures: int = 0,
+        lost_commit_responses: int = 0,
     ) -> None:
         super().__init__(inner.ledger)
         self.reserve_failures = reserve_failures

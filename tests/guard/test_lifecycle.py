@@ -283,9 +283,7 @@ async def test_cancelled_task_settles_and_reraises(bot, recorded):
 
 @pytest.fixture
 def capped(client: cycles.Client) -> cycles.Client:
-    client.policies.create(
-        "tenant:acme/agent:*", caps=cycles.Caps(max_tokens=256, tool_denylist=["shell", "rm"])
-    )
+    client.policies.create("tenant:acme/agent:*", caps=cycles.Caps(max_tokens=256, tool_denylist=["shell", "rm"]))
     client.policies.create("tenant:acme/toolset:*", caps={"tool_allowlist": ["search"], "tool_denylist": ["search"]})
     return client
 

@@ -115,7 +115,8 @@ def test_reservation_subject_reflects_the_merge(tree):
     assert detail.scope_path == "tenant:acme/workflow:wf/agent:b"
     assert detail.affected_scopes == ["tenant:acme", "tenant:acme/workflow:wf", "tenant:acme/workflow:wf/agent:b"]
     assert_settled(
-        tree, {"tenant:acme": 5 * CENT, "tenant:acme/workflow:wf": 5 * CENT, "tenant:acme/workflow:wf/agent:b": 5 * CENT}
+        tree,
+        {"tenant:acme": 5 * CENT, "tenant:acme/workflow:wf": 5 * CENT, "tenant:acme/workflow:wf/agent:b": 5 * CENT},
     )
 
 

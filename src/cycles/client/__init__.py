@@ -111,8 +111,12 @@ class Client:
         else:
             self.defaults.setdefault("tenant", DEFAULT_TENANT)
             url = store or env.get("CYCLES_STORE") or DEFAULT_STORE
-            self.transport = LocalTransport(Ledger(open_store(url), clock=clock, default_tenant=self.defaults["tenant"]))
-        self.fail_open = fail_open if fail_open is not None else env.get("CYCLES_FAIL_OPEN", "").lower() in ("1", "true")
+            self.transport = LocalTransport(
+                Ledger(open_store(url), clock=clock, default_tenant=self.defaults["tenant"])
+            )
+        self.fail_open = (
+            fail_open if fail_open is not None else env.get("CYCLES_FAIL_OPEN", "").lower() in ("1", "true")
+        )
         self.shadow = shadow
         self.journal = self._journal(journal, base_url)
         self.stats = Stats()
@@ -187,7 +191,9 @@ class Client:
             idempotency_key=idempotency_key,
         )
 
-    def _decision_request(self, estimate: Amount, action: ActionArg, scope: str | None, subject: Any) -> DecisionRequest:
+    def _decision_request(
+        self, estimate: Amount, action: ActionArg, scope: str | None, subject: Any
+    ) -> DecisionRequest:
         return DecisionRequest(
             idempotency_key=os.urandom(16).hex(),
             subject=self.subject(subject_fields(scope, **subject)),  # type: ignore[arg-type]
@@ -195,7 +201,9 @@ class Client:
             estimate=_amount(estimate),
         )
 
-    def decide(self, estimate: Amount, *, action: ActionArg = None, scope: str | None = None, **subject: Any) -> DecisionResponse:
+    def decide(
+        self, estimate: Amount, *, action: ActionArg = None, scope: str | None = None, **subject: Any
+    ) -> DecisionResponse:
         """Would this spend be allowed right now? Nothing is held."""
         return self.transport.decide(self._decision_request(estimate, action, scope, subject))
 
@@ -228,7 +236,9 @@ class Client:
         **subject: Any,
     ) -> EventCreateResponse:
         """Record spend that happened without a reservation (direct debit)."""
-        return self.transport.event(self._event_request(actual, action, scope, idempotency_key, overage_policy, subject))
+        return self.transport.event(
+            self._event_request(actual, action, scope, idempotency_key, overage_policy, subject)
+        )
 
     async def aevent(
         self,
@@ -261,7 +271,9 @@ class Client:
                 return out
             query["cursor"] = page.next_cursor
 
-    async def abalances(self, scope: str | None = None, *, include_children: bool = True, **levels: Any) -> list[Balance]:
+    async def abalances(
+        self, scope: str | None = None, *, include_children: bool = True, **levels: Any
+    ) -> list[Balance]:
         query = self._balance_query(scope, include_children, levels)
         out: list[Balance] = []
         while True:
@@ -369,7 +381,9 @@ class Budgets:
     def get(self, scope: str, unit: str = "USD_MICROCENTS") -> BudgetLedger:
         return self._admin.get_budget(self._client.scope_path(scope), unit)
 
-    def list(self, *, tenant: str | None = None, scope_prefix: str | None = None, unit: str | None = None) -> list[BudgetLedger]:
+    def list(
+        self, *, tenant: str | None = None, scope_prefix: str | None = None, unit: str | None = None
+    ) -> list[BudgetLedger]:
         out: list[BudgetLedger] = []
         cursor = None
         while True:
@@ -470,7 +484,9 @@ class Keys:
     def _admin(self) -> Any:
         return self._client.transport.admin
 
-    def create(self, tenant_id: str, name: str, *, permissions: list[str] | None = None, **fields: Any) -> ApiKeyCreateResponse:
+    def create(
+        self, tenant_id: str, name: str, *, permissions: list[str] | None = None, **fields: Any
+    ) -> ApiKeyCreateResponse:
         body = {"tenant_id": tenant_id, "name": name, **fields}
         if permissions is not None:
             body["permissions"] = permissions

@@ -51,7 +51,17 @@ from ..models import (
     Unit,
 )
 from ..scopes import format_scope, parse_scope
-from .rules import canonical_json, check_int64, decode_cursor, encode_cursor, fingerprint, iso, new_id, parse, parse_time_ms
+from .rules import (
+    canonical_json,
+    check_int64,
+    decode_cursor,
+    encode_cursor,
+    fingerprint,
+    iso,
+    new_id,
+    parse,
+    parse_time_ms,
+)
 from .store import ApiKeyRecord, BudgetRecord, PolicyRecord, TenantRecord, Transaction
 
 if TYPE_CHECKING:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from fnmatch import fnmatchcase
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -76,7 +76,6 @@ from ..models import (
     ReservationExtendResponse,
     ReservationListResponse,
     ReservationQuery,
-    SignedAmount,
 )
 from ..scopes import LEVELS, affected_scopes, format_scope
 from .store import (
@@ -143,7 +142,7 @@ def new_id(prefix: str) -> str:
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time_ms(text: str | None, field: str) -> int | None:
@@ -156,7 +155,7 @@ def parse_time_ms(text: str | None, field: str) -> int | None:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
+                moment = moment.replace(tzinfo=UTC)
             ms = int(moment.timestamp() * 1000)
         except (ValueError, OverflowError):
             raise InvalidRequest(f"{field} must be an ISO-8601 timestamp, got {text!r}") from None
@@ -534,7 +533,9 @@ class Ledger:
             default_ttl = ttl_override.get("default_ttl_ms") or (
                 t.default_reservation_ttl_ms if t is not None else DEFAULT_TTL_MS
             )
-            max_ttl = ttl_override.get("max_ttl_ms") or (t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS)
+            max_ttl = ttl_override.get("max_ttl_ms") or (
+                t.max_reservation_ttl_ms if t is not None else DEFAULT_MAX_TTL_MS
+            )
             ttl = min(req.ttl_ms if "ttl_ms" in req.model_fields_set else default_ttl, max_ttl)
             # overage policy precedence: request > policy > ledger (deepest first) > tenant default > ALLOW_IF_AVAILABLE
             overage = req.overage_policy if "overage_policy" in req.model_fields_set else None
@@ -835,9 +836,7 @@ class Ledger:
             if owner is None:
                 raise InvalidRequest("tenant is required")
             levels["tenant"] = owner
-        query_hash = hashlib.sha256(canonical_json(q.model_dump(exclude={"cursor", "limit"})).encode()).hexdigest()[
-            :16
-        ]
+        query_hash = hashlib.sha256(canonical_json(q.model_dump(exclude={"cursor", "limit"})).encode()).hexdigest()[:16]
         after = decode_cursor(q.cursor, query_hash) if q.cursor else None
         with self.begin() as (tx, _now):
             rows = tx.list_budgets(

@@ -22,9 +22,9 @@ from ..errors import InvalidRequest, StoreBusy
 from ..scopes import affected_scopes
 from .store import (
     ApiKeyRecord,
-    PolicyRecord,
     BudgetRecord,
     EventRecord,
+    PolicyRecord,
     ReservationFilter,
     ReservationRecord,
     TenantRecord,
@@ -240,9 +240,7 @@ class SQLiteTransaction:
         self._db.execute(f"INSERT INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
 
     def save_budget(self, b: BudgetRecord) -> None:
-        self._db.execute(
-            f"REPLACE INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b)
-        )
+        self._db.execute(f"REPLACE INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
 
     def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
         self._db.execute(
@@ -473,7 +471,7 @@ class SQLiteStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         try:
-            db.execute("PRAGMA busy_timeout = %d" % int(self.busy_timeout * 1000))
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if self.path != ":memory:":
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
@@ -483,9 +481,7 @@ class SQLiteStore:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 db.close()
-                raise InvalidRequest(
-                    f"{self.path} holds ledger schema v{version}; this cycles reads v{SCHEMA_VERSION}"
-                )
+                raise InvalidRequest(f"{self.path} holds ledger schema v{version}; this cycles reads v{SCHEMA_VERSION}")
         except sqlite3.OperationalError as exc:
             db.close()
             raise self._busy(exc) from exc
