@@ -18,7 +18,8 @@ config metadata: `config={"callbacks": [handler], "metadata": {"cycles_agent": "
 on every path (batch, streams closed early, errors, caps).
 """
 
-from ._common import ToolNotAllowed
+from cycles.errors import ToolNotAllowed
+
 from .callbacks import CyclesCallbackHandler
 from .model import GuardedModel, guard_model
 from .tools import GuardedTool, guard_tool

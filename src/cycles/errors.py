@@ -23,6 +23,7 @@ __all__ = [
     "OverdraftLimitExceeded",
     "DebtOutstanding",
     "TenantClosed",
+    "ToolNotAllowed",
     "ReservationFinalized",
     "IdempotencyMismatch",
     "DuplicateResource",
@@ -151,6 +152,21 @@ class DuplicateResource(CyclesError):
 
     code = "DUPLICATE_RESOURCE"
     status = 409
+
+
+class ToolNotAllowed(BudgetDenied):
+    """The authority answered ALLOW_WITH_CAPS and the caps' tool allowlist / denylist excludes this tool (a guarded
+    call whose action kind starts with "tool"). Raised by the client; not a wire error code."""
+
+    code = "TOOL_NOT_ALLOWED"
+
+    @classmethod
+    def for_tool(cls, name: str, allowlist: list[str] | None, denylist: list[str] | None) -> ToolNotAllowed:
+        listed = f"allowlist {allowlist}" if allowlist else f"denylist {denylist}"
+        return cls(
+            f"TOOL_NOT_ALLOWED: tool {name!r} is excluded by the budget authority's caps ({listed})",
+            details={"tool": name, "tool_allowlist": allowlist, "tool_denylist": denylist},
+        )
 
 
 class ReservationFinalized(CyclesError):

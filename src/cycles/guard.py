@@ -36,6 +36,7 @@ from .errors import (
     LimitExceeded,
     ReservationExpired,
     StoreBusy,
+    ToolNotAllowed,
     TransportError,
 )
 from .journal import TERMINAL_CODES, Journal
@@ -229,6 +230,7 @@ class Reservation:
             parent.draw(self.estimate.amount, self)
             self._parent, self.status = parent, "NESTED"
             self.decision, self.caps = parent.decision, parent.caps  # the enclosing hold's caps apply inside it
+            self._check_tool_caps()
             return None
         self.subject = self.client.subject(self._subject)
         body: dict[str, Any] = {
@@ -254,8 +256,17 @@ class Reservation:
                 log.warning("cycles shadow mode: %s would be denied (%s)", self, response.reason_code)
             return
         self.status, self.id, self.expires_at_ms = "ACTIVE", response.reservation_id, response.expires_at_ms
-        if response.remaining_ttl_ms is not None:
+        self._check_tool_caps()
+        if response.remaining_ttl_ms:
             self.client.heartbeat.watch(self, response.remaining_ttl_ms, rtt_s)
+
+    def _check_tool_caps(self) -> None:
+        """ALLOW_WITH_CAPS applies to tools: a tool action the caps exclude is given back and refused."""
+        caps = self.caps
+        if caps is None or not self.action.kind.startswith("tool") or caps.allows_tool(self.action.name):
+            return
+        self.release(reason="tool not allowed by caps")
+        raise ToolNotAllowed.for_tool(self.action.name, caps.tool_allowlist, caps.tool_denylist)
 
     def _unreachable(self, exc: CyclesError) -> None:
         """Fail closed (re-raise) unless the client is configured to fail open on an unreachable authority."""

@@ -62,7 +62,9 @@ class Heartbeat:
         return self.client.timeout * 1000
 
     def watch(self, reservation: Reservation, remaining_ttl_ms: int, rtt_s: float) -> None:
-        w = _Watch(reservation, reservation.ttl_ms or remaining_ttl_ms)
+        if remaining_ttl_ms <= 0:  # nothing left to keep alive (e.g. a replayed reserve of a settled reservation)
+            return
+        w = _Watch(reservation, max(1000, reservation.ttl_ms or remaining_ttl_ms))
         with self._cond:
             self._watches[id(reservation)] = w
         self._schedule(w, remaining_ttl_ms, rtt_s * 1000)
@@ -117,7 +119,11 @@ class Heartbeat:
                 _due, _seq, w = heapq.heappop(self._heap)
                 if self._watches.get(id(w.reservation)) is not w:
                     continue
-            self._beat(w)
+            try:
+                self._beat(w)
+            except Exception:  # never let one reservation stop the keep-alive of all the others
+                log.exception("cycles heartbeat: unexpected failure for reservation %s", w.reservation.id)
+                self.forget(w.reservation)
 
     def _beat(self, w: _Watch) -> None:
         r = w.reservation
