@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,38 +264,29 @@ class Client:
     def balances(self, scope: str | None = None, *, include_children: bool = True, **levels: Any) -> list[Balance]:
         """Balances at a scope (default: the client's tenant) and, by default, every scope below it."""
         query = self._balance_query(scope, include_children, levels)
-        out: list[Balance] = []
-        while True:
-            page = self.transport.balances({**query, "limit": 200})
-            out += page.balances
-            if not page.has_more or not page.next_cursor:
-                return out
-            query["cursor"] = page.next_cursor
+        return all_pages(lambda cursor: self.transport.balances({**query, "cursor": cursor, "limit": 200}), "balances")
 
     async def abalances(
         self, scope: str | None = None, *, include_children: bool = True, **levels: Any
     ) -> list[Balance]:
-        query = self._balance_query(scope, include_children, levels)
-        out: list[Balance] = []
+        query, out, cursor = self._balance_query(scope, include_children, levels), [], None
         while True:
-            page = await self.transport.abalances({**query, "limit": 200})
+            page = await self.transport.abalances({**query, "cursor": cursor, "limit": 200})
             out += page.balances
             if not page.has_more or not page.next_cursor:
                 return out
-            query["cursor"] = page.next_cursor
+            cursor = page.next_cursor
 
     def reservations(self, *, limit: int | None = None, **filters: Any) -> list[ReservationDetail]:
         """Reservations of the client's tenant, newest first; filters as in GET /v1/reservations."""
         query = {k: v for k, v in filters.items() if v is not None}
         if "tenant" not in query and self.tenant:
             query["tenant"] = self.tenant
-        out: list[ReservationDetail] = []
-        while limit is None or len(out) < limit:
-            page = self.transport.list_reservations({**query, "limit": 200})
-            out += page.reservations
-            if not page.has_more or not page.next_cursor:
-                break
-            query["cursor"] = page.next_cursor
+        out = all_pages(
+            lambda cursor: self.transport.list_reservations({**query, "cursor": cursor, "limit": 200}),
+            "reservations",
+            stop_at=limit,
+        )
         return out[:limit] if limit is not None else out
 
     def get_reservation(self, reservation_id: str) -> ReservationDetail:
@@ -325,6 +317,19 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<cycles.Client {getattr(self.transport, 'url', type(self.transport).__name__)} tenant={self.tenant}>"
+
+
+def all_pages(fetch: Callable[[str | None], Any], field: str, stop_at: int | None = None) -> list[Any]:
+    """Every item of a cursor-paginated listing: `fetch(cursor)` returns one page; `field` names its items."""
+    out: list[Any] = []
+    cursor = None
+    while stop_at is None or len(out) < stop_at:
+        page = fetch(cursor)
+        out += getattr(page, field)
+        if not page.has_more or not page.next_cursor:
+            break
+        cursor = page.next_cursor
+    return out
 
 
 class Budgets:
@@ -384,16 +389,12 @@ class Budgets:
     def list(
         self, *, tenant: str | None = None, scope_prefix: str | None = None, unit: str | None = None
     ) -> list[BudgetLedger]:
-        out: list[BudgetLedger] = []
-        cursor = None
-        while True:
-            page = self._admin.list_budgets(
+        return all_pages(
+            lambda cursor: self._admin.list_budgets(
                 tenant_id=tenant, scope_prefix=scope_prefix, unit=unit, cursor=cursor, limit=200
-            )
-            out += page.ledgers
-            if not page.has_more:
-                return out
-            cursor = page.next_cursor
+            ),
+            "ledgers",
+        )
 
     def update(self, scope: str, unit: str = "USD_MICROCENTS", **changes: Any) -> BudgetLedger:
         if isinstance(changes.get("overdraft_limit"), str):
@@ -425,14 +426,7 @@ class Tenants:
         return self._admin.get_tenant(tenant_id)
 
     def list(self) -> list[Tenant]:
-        out: list[Tenant] = []
-        cursor = None
-        while True:
-            page = self._admin.list_tenants(cursor=cursor, limit=200)
-            out += page.tenants
-            if not page.has_more:
-                return out
-            cursor = page.next_cursor
+        return all_pages(lambda cursor: self._admin.list_tenants(cursor=cursor, limit=200), "tenants")
 
     def update(self, tenant_id: str, **changes: Any) -> Tenant:
         return self._admin.update_tenant(tenant_id, changes)
@@ -496,14 +490,9 @@ class Keys:
         return self._admin.revoke_api_key(key_id, reason)
 
     def list(self, tenant_id: str | None = None) -> list[ApiKey]:
-        out: list[ApiKey] = []
-        cursor = None
-        while True:
-            page = self._admin.list_api_keys(tenant_id=tenant_id, cursor=cursor, limit=200)
-            out += page.keys
-            if not page.has_more:
-                return out
-            cursor = page.next_cursor
+        return all_pages(
+            lambda cursor: self._admin.list_api_keys(tenant_id=tenant_id, cursor=cursor, limit=200), "keys"
+        )
 
 
 _default: Client | None = None
