@@ -1,0 +1,412 @@
+"""HTTP throughput and latency of `cycles serve --workers 2` on loopback: reserve+commit pairs per second and p50/p99
+per operation, with 1 and with 32 concurrent clients, side by side with the Java reference server's published
+figures. The load generator runs in this same process on the same machine (a lean asyncio client writing HTTP/1.1
+requests on raw keep-alive connections: one event loop, no HTTP library), so server and generator share the cores.
+
+Run: python benchmarks/http.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
+     python benchmarks/http.py --profile   # also sample every worker with py-spy during the 32-client phase and
+                                           # print where their time goes (needs `pip install py-spy`)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named http.py: run as a script, its folder comes first on sys.path and would shadow the standard
+# library's `http` package (which urllib needs). Move the folder to the end: `_report` is still found there.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from _report import percentiles, record  # noqa: E402
+
+ADMIN_KEY = "bench-admin-" + os.urandom(8).hex()
+USD = "USD_MICROCENTS"
+SCOPES = ["tenant:acme", "tenant:acme/workspace:prod", "tenant:acme/workspace:prod/agent:bot"]
+ESTIMATE, ACTUAL = 5_000_000, 3_100_000
+JAVA = {"reserve_p50_ms": 9.6, "pairs_32": 1_421.8, "pairs_best": 2_872.6}
+TARGETS = {"reserve_p50_ms": 2.0, "pairs_32": 1_500.0}
+
+
+# ------------------------------------------------------------------------------------------------------ server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cycles_command() -> list[str]:
+    script = Path(sys.executable).with_name("cycles")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from cycles.cli import main; main()"]
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                             **(headers or {})})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+                out.append(int(entry.name))
+    return out
+
+
+def holds(pid: int, path: str) -> bool:
+    try:
+        return any(os.readlink(fd) == path for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+class Server:
+    """`cycles serve` in its own process group; stop() ends the group (the supervisor and its workers)."""
+
+    def __init__(self, directory: str, workers: int, env: dict[str, str] | None = None) -> None:
+        self.db = str(Path(directory) / "bench.db")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
+        self.log = open(Path(directory) / "serve.log", "wb")  # noqa: SIM115
+        args = [*cycles_command(), "serve", "--store", f"sqlite:///{self.db}", "--port", str(self.port),
+                "--workers", str(workers), "--log-level", "warning"]  # fmt: skip
+        environment = {**os.environ, "CYCLES_ADMIN_API_KEY": ADMIN_KEY, **(env or {})}
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=environment,
+                                     cwd=directory, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cycles serve exited: {Path(directory, 'serve.log').read_text()}")
+            try:
+                http("GET", self.url + "/readyz")
+                break
+            except OSError:
+                time.sleep(0.05)
+            if time.monotonic() > deadline:
+                raise RuntimeError("cycles serve did not start")
+        while workers > 1 and time.monotonic() < deadline:  # every worker has built its app (holds the store)
+            pids = children(self.proc.pid)
+            if len(pids) >= workers and all(holds(p, self.db) for p in pids):
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def seed(url: str) -> str:
+    admin = {"X-Admin-API-Key": ADMIN_KEY}
+    http("POST", url + "/v1/admin/tenants", {"tenant_id": "acme", "name": "Acme"}, admin)
+    for scope in SCOPES:
+        body = {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**17}, "tenant_id": "acme"}
+        http("POST", url + "/v1/admin/budgets", body, admin)
+    return http("POST", url + "/v1/admin/api-keys", {"tenant_id": "acme", "name": "bench"}, admin)["key_secret"]
+
+
+# ---------------------------------------------------------------------------------------------- load generator
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: write a request, read exactly one response (Content-Length framed)."""
+
+    def __init__(self, port: int, api_key: str) -> None:
+        self.port = port
+        self.prefix = (
+            f"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nX-Cycles-API-Key: {api_key}\r\n"
+        ).encode()
+
+    async def open(self) -> Connection:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.prefix
+                          + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        start = head.lower().index(b"content-length:") + 15
+        length = int(head[start : head.index(b"\r\n", start)])
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+SUBJECT = json.dumps({"tenant": "acme", "workspace": "prod", "agent": "bot"})
+ACTION = json.dumps({"kind": "llm.completion", "name": "gpt-4o"})
+
+
+def reserve_body(key: str) -> bytes:
+    return (
+        f'{{"idempotency_key":"{key}","subject":{SUBJECT},"action":{ACTION},'
+        f'"estimate":{{"unit":"{USD}","amount":{ESTIMATE}}}}}'
+    ).encode()
+
+
+def commit_body(key: str) -> bytes:
+    return f'{{"idempotency_key":"{key}","actual":{{"unit":"{USD}","amount":{ACTUAL}}}}}'.encode()
+
+
+async def client_loop(conn: Connection, tag: str, deadline: float, max_pairs: int, out: dict[str, list[int]]) -> int:
+    clock = time.perf_counter_ns
+    pairs = 0
+    while pairs < max_pairs and time.perf_counter() < deadline:
+        key = f"{tag}-{pairs}"
+        t0 = clock()
+        status, body = await conn.post("/v1/reservations", reserve_body("r" + key))
+        t1 = clock()
+        if status != 200:
+            raise RuntimeError(f"reserve answered {status}: {body[:300]!r}")
+        start = body.index(b'"reservation_id":"') + 18
+        rid = body[start : body.index(b'"', start)].decode()
+        status, body = await conn.post(f"/v1/reservations/{rid}/commit", commit_body("c" + key))
+        t2 = clock()
+        if status != 200:
+            raise RuntimeError(f"commit answered {status}: {body[:300]!r}")
+        out["reserve"].append(t1 - t0)
+        out["commit"].append(t2 - t1)
+        out["pair"].append(t2 - t0)
+        pairs += 1
+    return pairs
+
+
+async def run_load(
+    port: int, api_key: str, clients: int, seconds: float, max_pairs: int, tag: str, server_pids: list[int]
+) -> dict[str, Any]:
+    conns = [await Connection(port, api_key).open() for _ in range(clients)]
+    out: dict[str, list[int]] = {"reserve": [], "commit": [], "pair": []}
+    server_cpu, generator_cpu = cpu_seconds(server_pids), time.process_time()
+    began = time.perf_counter()
+    deadline = began + seconds
+    per_client = max(1, max_pairs // clients)
+    counts = await asyncio.gather(
+        *(client_loop(c, f"{tag}{i}", deadline, per_client, out) for i, c in enumerate(conns))
+    )
+    elapsed = time.perf_counter() - began
+    server_cpu, generator_cpu = cpu_seconds(server_pids) - server_cpu, time.process_time() - generator_cpu
+    for c in conns:
+        c.close()
+    pairs = sum(counts)
+    return {
+        "server_cpu_us": server_cpu / pairs * 1e6,
+        "generator_cpu_us": generator_cpu / pairs * 1e6,
+        "pairs": pairs,
+        "elapsed": elapsed,
+        "pairs_per_s": pairs / elapsed,
+        "reserve": percentiles(out["reserve"]),
+        "commit": percentiles(out["commit"]),
+        "pair": percentiles(out["pair"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+
+
+def start_profilers(server: Server, seconds: float, directory: str) -> list[tuple[subprocess.Popen[bytes], str]]:
+    """py-spy sampling each worker (or the single process) for `seconds`: raw collapsed stacks of the thread holding
+    the GIL (CPU spent in Python and in C code that keeps the GIL; sqlite3 releases it while it works)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    pids = children(server.proc.pid) or [server.proc.pid]
+    out = []
+    for pid in pids:
+        path = str(Path(directory) / f"profile-{pid}.txt")
+        cmd = [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
+               "--format", "raw", "--output", path, "--nonblocking", "--gil"]  # fmt: skip
+        out.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path))
+    return out
+
+
+CATEGORIES = [  # first match on a frame's file wins, looking from the leaf up
+    ("SQLite (sqlite3 C calls)", ("sqlite3",)),
+    ("ledger logic (cycles.ledger)", ("cycles/ledger/",)),
+    ("pydantic models / JSON (cycles.models, pydantic)", ("pydantic", "cycles/models.py", "json/")),
+    ("auth (API key hash lookup)", ("cycles/server/auth.py", "hashlib", "hmac")),
+    ("server glue (cycles.server)", ("cycles/server/",)),
+    (
+        "thread-pool hop (anyio / starlette.concurrency)",
+        ("anyio", "concurrent/futures", "threading.py", "starlette/concurrency"),
+    ),
+    ("Starlette routing / middleware / responses", ("starlette",)),
+    ("uvicorn + h11 HTTP parsing", ("uvicorn", "h11")),
+    ("asyncio event loop / sockets", ("asyncio", "selectors", "socket")),
+]
+
+
+def summarize_profiles(paths: list[str]) -> str:
+    """Self time by category (the category of the innermost classified frame) and the top functions by self time
+    and by inclusive time, over every sampled worker."""
+    from collections import Counter
+
+    total = 0
+    self_fn: Counter[str] = Counter()
+    incl_fn: Counter[str] = Counter()
+    cats: Counter[str] = Counter()
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        for line in Path(path).read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack or not count_text.isdigit():
+                continue
+            count = int(count_text)
+            frames = stack.split(";")[1:]  # the first is the process / thread label
+            if not frames:
+                continue
+            total += count
+            self_fn[frames[-1]] += count
+            for frame in set(frames):
+                incl_fn[frame] += count
+            for frame in reversed(frames):
+                name = next((c for c, keys in CATEGORIES if any(k in frame for k in keys)), None)
+                if name:
+                    cats[name] += count
+                    break
+            else:
+                cats["other"] += count
+    if not total:
+        return "(no samples)"
+    pct = lambda n: f"{100 * n / total:5.1f}%"  # noqa: E731
+    lines = [f"py-spy: {total:,} samples of the GIL-holding thread over {len(paths)} process(es)", ""]
+    lines += ["self time by area:"]
+    lines += [f"  {pct(n)}  {name}" for name, n in cats.most_common()]
+    lines += ["", "top functions, self time:"]
+    lines += [f"  {pct(n)}  {frame}" for frame, n in self_fn.most_common(15)]
+    lines += ["", "top functions, inclusive time:"]
+    lines += [f"  {pct(n)}  {frame}" for frame, n in incl_fn.most_common(25)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def p50_p99(run: dict[str, Any], op: str) -> str:
+    return f"{ms(run[op]['p50_us'])} / {ms(run[op]['p99_us'])}"
+
+
+def table(single: dict[str, Any], multi: dict[str, Any], clients: int, workers: int, load: str) -> str:
+    r1, rn = single["reserve"]["p50_us"] / 1000, multi["pairs_per_s"]
+    ok1 = "✓" if r1 <= TARGETS["reserve_p50_ms"] else "✗"
+    okn = "✓" if rn >= TARGETS["pairs_32"] else "✗"
+    java_pairs = f"{JAVA['pairs_32']:,} at 32 threads ({JAVA['pairs_best']:,} at its best)"
+    cpu = lambda run: f"{run['server_cpu_us']:,.0f} / {run['generator_cpu_us']:,.0f}"  # noqa: E731
+    lines = [
+        f"| | cycles serve --workers {workers} (this run, 2 cores, generator included) "
+        "| Java reference server (published, 64 cores) | target |",
+        "|---|---|---|---|",
+        f"| 1 client: reserve p50 / p99 ms | {p50_p99(single, 'reserve')} | {JAVA['reserve_p50_ms']} p50 "
+        f"(single-threaded) | ≤ {TARGETS['reserve_p50_ms']:g} p50 {ok1} |",
+        f"| 1 client: commit p50 / p99 ms | {p50_p99(single, 'commit')} | — | |",
+        f"| 1 client: reserve+commit pairs/s | {single['pairs_per_s']:,.0f} | — | |",
+        f"| {clients} clients: reserve+commit pairs/s | {rn:,.0f} | {java_pairs} "
+        f"| ≥ {TARGETS['pairs_32']:,.0f} {okn} |",
+        f"| {clients} clients: reserve p50 / p99 ms | {p50_p99(multi, 'reserve')} | — | |",
+        f"| {clients} clients: commit p50 / p99 ms | {p50_p99(multi, 'commit')} | — | |",
+        f"| {clients} clients: pair p50 / p99 ms | {p50_p99(multi, 'pair')} | — | |",
+        f"| CPU µs per pair, server / generator (1 client) | {cpu(single)} | — | |",
+        f"| CPU µs per pair, server / generator ({clients} clients) | {cpu(multi)} | — | |",
+        "",
+        f"Load generator: a lean asyncio client (one event loop in the benchmark process, HTTP/1.1 written by hand on "
+        f"raw keep-alive connections, TCP_NODELAY), on the same 2 cores as the server's {workers} worker processes. "
+        f"One SQLite file (WAL), three budgeted levels, every reserve and commit a distinct idempotency key, no "
+        f"denials. 1 client: {single['pairs']:,} sequential pairs in {single['elapsed']:.1f} s; {clients} clients: "
+        f"{multi['pairs']:,} pairs in {multi['elapsed']:.1f} s, each client on its own connection running "
+        f"reserve→commit back to back. Load average (1 min): {load}; the run itself keeps about 3 processes busy "
+        "(2 workers, the generator), so more than that is other work sharing the 2 cores, and the figures move with "
+        "it. The Java figures are the reference server's published ones (its own hardware), quoted, not re-measured.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured phase")
+    parser.add_argument("--pairs", type=int, default=5_000, help="at most this many pairs in the 1-client phase")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="cProfile a worker during the multi-client phase")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(tmp, args.workers)
+        try:
+            api_key = seed(server.url)
+            load_start = os.getloadavg()[0]
+            pids = [server.proc.pid, *children(server.proc.pid)]
+            asyncio.run(run_load(server.port, api_key, 8, 2.0, 2_000, "warm", pids))  # warm-up: every worker
+            single = asyncio.run(run_load(server.port, api_key, 1, args.seconds, args.pairs, "one", pids))
+            profilers = start_profilers(server, args.seconds, tmp) if args.profile else []
+            multi = asyncio.run(run_load(server.port, api_key, args.clients, args.seconds, 10**9, "many", pids))
+            load = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+            for proc, _ in profilers:
+                proc.wait(60)
+            profile = summarize_profiles([path for _, path in profilers]) if profilers else ""
+        finally:
+            server.stop()
+    if profile:
+        print(profile, end="\n\n")
+    text = table(single, multi, args.clients, args.workers, load)
+    print(text)
+    if profile:  # kept with the figures: where the server's time went during the multi-client phase
+        text += f"\n\n<details><summary>py-spy profile of the workers, {args.clients} clients</summary>\n\n```\n"
+        text += profile + "\n```\n</details>"
+    if not args.no_record:
+        record("http", text)
+
+
+if __name__ == "__main__":
+    main()
