@@ -10,7 +10,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 INT64_MAX = 2**63 - 1
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
@@ -27,6 +27,21 @@ def _sorted_keys(value: Any) -> Any:
     if isinstance(value, list):
         return [_sorted_keys(v) for v in value]
     return value
+
+
+def _iso_datetime(value: str) -> str:
+    from datetime import datetime
+
+    try:
+        if "T" not in value.upper():
+            raise ValueError
+        datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"must be an ISO-8601 date-time like 2026-01-31T00:00:00Z, not {value!r}") from None
+    return value
+
+
+DateTime = Annotated[str, AfterValidator(_iso_datetime)]
 
 
 # Free-form maps serialise with sorted keys, so a model's JSON is canonical (RFC 8785 for this protocol's integers
@@ -436,8 +451,8 @@ class BudgetCreateRequest(_Request):
     overdraft_limit: Amount | None = None
     commit_overage_policy: OveragePolicyName | None = None
     rollover_policy: RolloverPolicy = "NONE"
-    period_start: str | None = None
-    period_end: str | None = None
+    period_start: DateTime | None = None
+    period_end: DateTime | None = None
     metadata: JsonObject | None = None
 
 
@@ -464,8 +479,8 @@ class BudgetLedger(_Response):
     is_over_limit: bool = False
     commit_overage_policy: OveragePolicyName | None = None
     rollover_policy: RolloverPolicy | None = None
-    period_start: str | None = None
-    period_end: str | None = None
+    period_start: DateTime | None = None
+    period_end: DateTime | None = None
     updated_at: str | None = None
 
 
@@ -503,7 +518,7 @@ class ApiKeyCreateRequest(_Request):
     description: str | None = Field(None, max_length=1024)
     permissions: list[Permission] | None = None  # type: ignore[valid-type]
     scope_filter: list[str] | None = None
-    expires_at: str | None = None
+    expires_at: DateTime | None = None
     metadata: JsonObject | None = None
 
 
@@ -548,6 +563,11 @@ class ApiKeyListResponse(_Response):
     has_more: bool | None = None
 
 
+class RateLimits(_Request):
+    max_reservations_per_minute: int | None = Field(None, strict=True, ge=1)
+    max_commits_per_minute: int | None = Field(None, strict=True, ge=1)
+
+
 class ReservationTtlOverride(_Request):
     default_ttl_ms: int | None = Field(None, strict=True, ge=1_000, le=86_400_000)
     max_ttl_ms: int | None = Field(None, strict=True, ge=1_000, le=86_400_000)
@@ -566,9 +586,9 @@ class PolicyCreateRequest(_Request):
     caps: Caps | None = None
     commit_overage_policy: OveragePolicyName | None = None
     reservation_ttl_override: ReservationTtlOverride | None = None
-    rate_limits: JsonObject | None = None
-    effective_from: str | None = None
-    effective_until: str | None = None
+    rate_limits: RateLimits | None = None
+    effective_from: DateTime | None = None
+    effective_until: DateTime | None = None
 
 
 class PolicyUpdateRequest(_Request):
@@ -578,9 +598,9 @@ class PolicyUpdateRequest(_Request):
     caps: Caps | None = None
     commit_overage_policy: OveragePolicyName | None = None
     reservation_ttl_override: ReservationTtlOverride | None = None
-    rate_limits: JsonObject | None = None
-    effective_from: str | None = None
-    effective_until: str | None = None
+    rate_limits: RateLimits | None = None
+    effective_from: DateTime | None = None
+    effective_until: DateTime | None = None
     status: Literal["ACTIVE", "DISABLED"] | None = None
 
 
@@ -595,9 +615,9 @@ class Policy(_Response):
     caps: Caps | None = None
     commit_overage_policy: OveragePolicyName | None = None
     reservation_ttl_override: ReservationTtlOverride | None = None
-    rate_limits: JsonObject | None = None
-    effective_from: str | None = None
-    effective_until: str | None = None
+    rate_limits: RateLimits | None = None
+    effective_from: DateTime | None = None
+    effective_until: DateTime | None = None
     updated_at: str | None = None
 
 

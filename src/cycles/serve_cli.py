@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -79,6 +81,8 @@ def serve(
         app: object = app_from_env()
     else:
         app = "cycles.server:app_from_env"
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a finished service should
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         app,  # type: ignore[arg-type]
         factory=workers > 1,
@@ -88,8 +92,20 @@ def serve(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=graceful_timeout,
         server_header=False,
-        http="cycles.server.protocol:H11NoDelayProtocol",  # TCP_NODELAY, also on the sockets of --workers N
+        **_fast_io(),
     )
+
+
+def _fast_io() -> dict[str, str]:
+    """uvloop + httptools when installed (the server extra): about half the CPU per request of asyncio + h11, and
+    uvloop sets TCP_NODELAY itself. Otherwise h11 on asyncio with TCP_NODELAY forced, also on the sockets of
+    --workers N (asyncio leaves Nagle on there, which stalls keep-alive requests ~40 ms)."""
+    try:
+        import httptools  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {"http": "cycles.server.protocol:H11NoDelayProtocol"}
+    return {"http": "httptools", "loop": "uvloop"}
 
 
 def main() -> None:  # `python -m cycles.serve_cli`
