@@ -426,8 +426,9 @@ class Ledger:
         """Apply the same deltas to every budget, in the store (one write) and in memory (for the response)."""
         if not budgets:
             return
-        for b in budgets:
-            check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
+        if reserved > 0 or spent > 0 or debt > 0:  # only growth can leave the int64 range
+            for b in budgets:
+                check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
         tx.move(budgets[0].unit, [b.scope for b in budgets], reserved=reserved, spent=spent, debt=debt)
         for b in budgets:
             b.reserved += reserved
