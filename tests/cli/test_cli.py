@@ -66,7 +66,7 @@ def test_global_json_flag(cli: Cli) -> None:
 def test_unreachable_server_is_one_line_error(cli: Cli) -> None:
     r = cli.run("--url", "http://127.0.0.1:9", "balances", "tenant:acme", store=False)
     assert r.code == 1
-    r.error_line
+    assert r.error_line.startswith("error:")
 
 
 # ------------------------------------------------------------------------------------------------------ tenants

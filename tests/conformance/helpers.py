@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -113,9 +114,9 @@ def set_status(authority, tenant_id: str, status: str):
 
 def iso_ms(ms: int) -> str:
     """Epoch ms as the ISO-8601 text a query string carries."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    text = datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+    text = datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
 
 

@@ -3,34 +3,28 @@ per operation, with 1 and with 32 concurrent clients, side by side with the Java
 figures. The load generator runs in this same process on the same machine (a lean asyncio client writing HTTP/1.1
 requests on raw keep-alive connections: one event loop, no HTTP library), so server and generator share the cores.
 
-Run: python benchmarks/http.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
-     python benchmarks/http.py --profile   # also sample every worker with py-spy during the 32-client phase and
+Run: python benchmarks/serve.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
+     python benchmarks/serve.py --profile   # also sample every worker with py-spy during the 32-client phase and
                                            # print where their time goes (needs `pip install py-spy`)
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
 
-# This file is named http.py: run as a script, its folder comes first on sys.path and would shadow the standard
-# library's `http` package (which urllib needs). Move the folder to the end: `_report` is still found there.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE] + [_HERE]
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from _report import percentiles, record  # noqa: E402
+from _report import percentiles, record
 
 ADMIN_KEY = "bench-admin-" + os.urandom(8).hex()
 USD = "USD_MICROCENTS"
