@@ -428,7 +428,11 @@ class Ledger:
             return
         if reserved > 0 or spent > 0 or debt > 0:  # only growth can leave the int64 range
             for b in budgets:
-                check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
+                if (
+                    max(b.reserved + reserved, b.spent + spent, b.debt + debt) > INT64_MAX
+                    or b.remaining - reserved - spent - debt < INT64_MIN
+                ):
+                    check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
         tx.move(budgets[0].unit, [b.scope for b in budgets], reserved=reserved, spent=spent, debt=debt)
         for b in budgets:
             b.reserved += reserved
@@ -492,7 +496,8 @@ class Ledger:
         scopes = affected_scopes(subject)
         unit, estimate = req.estimate.unit, req.estimate.amount
         fp = fingerprint(req)
-        with self.begin(sweep=False) as (tx, now):
+        with self.store.transaction() as tx:  # the hot path: no sweep first (see begin)
+            now = self._now(tx)
             owner = subject["tenant"]
             prior = tx.get_reservation_by_key(owner, req.idempotency_key)
             if prior is not None:
@@ -554,7 +559,6 @@ class Ledger:
                 unit=unit,
                 estimate=estimate,
                 scope_path=scopes[-1],
-                affected_scopes=scopes,
                 budgeted_scopes=[b.scope for b in budgets],
                 status="ACTIVE",
                 created_at_ms=now,
@@ -586,7 +590,8 @@ class Ledger:
     ) -> CommitResponse:
         req = parse(CommitRequest, request)
         fp = fingerprint(req)
-        with self.begin(sweep=False) as (tx, now):
+        with self.store.transaction() as tx:  # the hot path: no sweep first (see begin)
+            now = self._now(tx)
             r = self._owned(tx, reservation_id, tenant)
             if r.status == "COMMITTED" and r.finalize_key == req.idempotency_key:
                 self._same_payload(r.finalize_fingerprint, fp, req.idempotency_key)
@@ -637,7 +642,8 @@ class Ledger:
     ) -> ReleaseResponse:
         req = parse(ReleaseRequest, request)
         fp = fingerprint(req)
-        with self.begin(sweep=False) as (tx, now):
+        with self.store.transaction() as tx:  # the hot path: no sweep first (see begin)
+            now = self._now(tx)
             r = self._owned(tx, reservation_id, tenant)
             if r.status == "RELEASED" and r.finalize_key == req.idempotency_key:
                 self._same_payload(r.finalize_fingerprint, fp, req.idempotency_key)
@@ -661,7 +667,8 @@ class Ledger:
     ) -> ReservationExtendResponse:
         req = parse(ReservationExtendRequest, request)
         fp = fingerprint(req)
-        with self.begin(sweep=False) as (tx, now):
+        with self.store.transaction() as tx:  # the hot path: no sweep first (see begin)
+            now = self._now(tx)
             r = self._owned(tx, reservation_id, tenant)
             endpoint = "extend:" + reservation_id
             replay = self._replay(tx, r.tenant, endpoint, req.idempotency_key, fp, ReservationExtendResponse)

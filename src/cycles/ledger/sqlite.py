@@ -8,6 +8,7 @@ across a process crash (only a power cut can lose the last few). A writer that c
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, StoreBusy
-from ..scopes import affected_scopes
 from .store import (
     ApiKeyRecord,
     BudgetRecord,
@@ -142,9 +142,8 @@ def _budget(row: tuple) -> BudgetRecord:
 
 
 def _reservation(row: tuple) -> ReservationRecord:
-    subject = _loads(row[3])
-    r = ReservationRecord(*row[:8], affected_scopes(subject), *row[8:])  # affected scopes derive from the subject
-    r.subject = subject
+    r = ReservationRecord(*row)
+    r.subject = _loads(row[3])
     r.action = _loads(row[4])
     r.budgeted_scopes = _loads(row[8])
     r.metadata = _load(row[17])
@@ -166,6 +165,7 @@ def _key(row: tuple) -> ApiKeyRecord:
     return k
 
 
+@functools.cache
 def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 

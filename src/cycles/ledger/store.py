@@ -51,7 +51,6 @@ class ReservationRecord:
     unit: str
     estimate: int
     scope_path: str
-    affected_scopes: list[str]
     budgeted_scopes: list[str]
     status: str
     created_at_ms: int
@@ -70,6 +69,12 @@ class ReservationRecord:
     finalize_key: str | None = None
     finalize_fingerprint: str | None = None
     finalize_response: str | None = None
+
+    @property
+    def affected_scopes(self) -> list[str]:
+        from ..scopes import affected_scopes  # derived, never stored
+
+        return affected_scopes(self.subject)
 
 
 @dataclass(slots=True)
