@@ -65,9 +65,7 @@ class Heartbeat:
         if remaining_ttl_ms <= 0:  # nothing left to keep alive (e.g. a replayed reserve of a settled reservation)
             return
         w = _Watch(reservation, max(1000, reservation.ttl_ms or remaining_ttl_ms))
-        with self._cond:
-            self._watches[id(reservation)] = w
-        self._schedule(w, remaining_ttl_ms, rtt_s * 1000)
+        self._schedule(w, remaining_ttl_ms, rtt_s * 1000, register=True)
 
     def forget(self, reservation: Reservation) -> None:
         if self._watches:
@@ -77,7 +75,7 @@ class Heartbeat:
                     self._heap = [e for e in self._heap if self._watches.get(id(e[2].reservation)) is e[2]]
                     heapq.heapify(self._heap)
 
-    def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float) -> None:
+    def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float, *, register: bool = False) -> None:
         w.max_rtt_ms = max(w.max_rtt_ms, rtt_ms)
         delay = next_delay_ms(remaining_ttl_ms, rtt_ms, w.max_rtt_ms, self.timeout_ms)
         w.zero_delays = w.zero_delays + 1 if delay == 0 else 0
@@ -87,11 +85,13 @@ class Heartbeat:
         now = time.monotonic()
         w.lead_floor_ms = max(0.0, remaining_ttl_ms - rtt_ms)
         w.deadline = now + w.lead_floor_ms / 1000
-        w.key = f"{w.reservation.key}:hb:{os.urandom(6).hex()}"  # a new key per extension, reused on its retries
-        self._push(now + delay / 1000, w)
+        w.key = ""  # the next extension gets a new key when it is sent (its retries reuse it)
+        self._push(now + delay / 1000, w, register)
 
-    def _push(self, due: float, w: _Watch) -> None:
+    def _push(self, due: float, w: _Watch, register: bool = False) -> None:
         with self._cond:
+            if register:
+                self._watches[id(w.reservation)] = w
             if self._closed or id(w.reservation) not in self._watches:
                 return
             heapq.heappush(self._heap, (due, next(self._seq), w))
@@ -130,6 +130,8 @@ class Heartbeat:
         if r.status != "ACTIVE" or r.id is None:
             self.forget(r)
             return
+        if not w.key:
+            w.key = f"{r.key}:hb:{os.urandom(6).hex()}"
         began = time.monotonic()
         try:
             response = self.client.transport.extend(
