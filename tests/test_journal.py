@@ -69,6 +69,16 @@ def setup(tmp_path, clock):
     return client, journal_dir
 
 
+def stranded(client, used: int | None = None, **reserve_kwargs) -> tuple[cycles.Client, cycles.Reservation]:
+    """A guarded call whose commit never gets through (the authority is unreachable): its record stays behind."""
+    c, _ = client({"commit_fault": "unreachable"})
+    with pytest.raises(TransportError):
+        with c.reserve(cycles.usd(0.10), **reserve_kwargs) as r:
+            if used is not None:
+                r.record(used)
+    return c, r
+
+
 def spent(c: cycles.Client) -> int:
     return next(b.spent.amount for b in c.balances("tenant:acme") if b.scope == "tenant:acme")
 
@@ -100,10 +110,7 @@ def test_journal_is_written_before_the_first_commit_and_replayed_after_a_crash(s
 def test_expired_commit_switches_durably_to_event_mode(setup, clock, monkeypatch):
     client, _ = setup
     monkeypatch.setattr(guard_module, "COMMIT_BACKOFF_S", 0)
-    c, _transport = client({"commit_fault": "unreachable"})
-    with pytest.raises(TransportError):
-        with c.reserve(cycles.usd(0.10), ttl_ms=1_000, grace_period_ms=0) as r:
-            r.record(cycles.usd(0.07))
+    c, r = stranded(client, 7_000_000, ttl_ms=1_000, grace_period_ms=0)
     record = json.loads(c.journal.path(r.id).read_text())
     assert record["mode"] == "commit"
     clock.advance(5_000)  # the hold expires while the process is down
@@ -124,10 +131,7 @@ def test_expired_commit_switches_durably_to_event_mode(setup, clock, monkeypatch
 def test_rate_limit_floor_survives_restart(setup, monkeypatch):
     client, _ = setup
     monkeypatch.setattr(guard_module, "COMMIT_ATTEMPTS", 1)
-    c, _ = client({"commit_fault": "unreachable"})
-    with pytest.raises(TransportError):
-        with c.reserve(cycles.usd(0.10)) as r:
-            pass
+    c, r = stranded(client)
     throttled, transport2 = client({"commit_fault": "throttled"})
     assert transport2.sent == [("commit", r.key + ":commit")]
     floor = json.loads(throttled.journal.path(r.id).read_text())["not_before_ms"]
@@ -155,10 +159,7 @@ def test_records_hold_no_credentials_and_partition_by_authority_and_tenant(tmp_p
 def test_corrupt_records_are_quarantined_and_the_rest_replay(setup, monkeypatch):
     client, _ = setup
     monkeypatch.setattr(guard_module, "COMMIT_ATTEMPTS", 1)
-    c, _ = client({"commit_fault": "unreachable"})
-    with pytest.raises(TransportError):
-        with c.reserve(cycles.usd(0.10)) as r:
-            pass
+    c, r = stranded(client)
     bad = c.journal.dir / record_name("res_corrupt")
     bad.write_text("{not json")
     unsupported = c.journal.dir / record_name("res_v1")
@@ -175,10 +176,7 @@ def test_corrupt_records_are_quarantined_and_the_rest_replay(setup, monkeypatch)
 def test_two_workers_replaying_one_record_settle_it_once(setup, monkeypatch):
     client, _ = setup
     monkeypatch.setattr(guard_module, "COMMIT_ATTEMPTS", 1)
-    c, _ = client({"commit_fault": "unreachable"})
-    with pytest.raises(TransportError):
-        with c.reserve(cycles.usd(0.10)) as r:
-            r.record(cycles.usd(0.02))
+    c, r = stranded(client, 2_000_000)
     workers = [client(recover=False) for _ in range(2)]
     barrier = threading.Barrier(2)
 
@@ -199,10 +197,7 @@ def test_two_workers_replaying_one_record_settle_it_once(setup, monkeypatch):
 def test_understood_rejection_removes_the_record(setup, monkeypatch):
     client, _ = setup
     monkeypatch.setattr(guard_module, "COMMIT_ATTEMPTS", 1)
-    c, _ = client({"commit_fault": "unreachable"})
-    with pytest.raises(TransportError):
-        with c.reserve(cycles.usd(0.10)) as r:
-            pass
+    c, r = stranded(client)
     plain, _ = client(recover=False)
     plain.transport.ledger.release(r.id, {"idempotency_key": "ops-release"})  # settled another way meanwhile
     report = plain.recover()

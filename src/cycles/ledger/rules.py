@@ -284,8 +284,9 @@ class Ledger:
     def begin(self, *, sweep: bool = True) -> Iterator[tuple[Transaction, int]]:
         """`with ledger.begin() as (tx, now)`: one store transaction, expired reservations swept first.
 
-        The hot paths (reserve, commit, release, extend) pass sweep=False and sweep only when a decision depends on
-        remaining budget that expired holds may still occupy; every read sweeps, so nothing observes a stale hold.
+        The hot paths (reserve, commit, release, extend) open the store transaction themselves and sweep only when a
+        decision depends on remaining budget that expired holds may still occupy; every read sweeps, so nothing
+        observes a stale hold.
         """
         with self.store.transaction() as tx:
             now = self._now(tx)
