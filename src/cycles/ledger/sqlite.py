@@ -4,25 +4,31 @@ BEGIN IMMEDIATE takes the write lock up front, so two processes on one file seri
 balance and both spending it. WAL lets readers proceed meanwhile; synchronous=NORMAL keeps every committed operation
 across a process crash (only a power cut can lose the last few). A writer that cannot get the lock within
 `busy_timeout` seconds gets `StoreBusy`, never a hang.
+
+The hot path reads almost nothing from disk: the store remembers the tenant, policy, budget and active reservation
+records it has read or written (`_Known`), and trusts them while no other connection has written to the file
+(`PRAGMA data_version`, checked once per transaction under the write lock). Anything else forgets them: another
+connection's commit, a rollback, or an admin write through this connection.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pydantic_core import from_json, to_json
 
 from ..errors import InvalidRequest, StoreBusy
 from .store import (
     ApiKeyRecord,
     BudgetRecord,
+    DuplicateKey,
     EventRecord,
     PolicyRecord,
     ReservationFilter,
@@ -122,8 +128,12 @@ _SORT_COLUMNS = {
     "expires_at_ms": "expires_at_ms",
 }
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_loads = json.loads
+
+def _dumps(value: Any) -> str:
+    return to_json(value).decode()
+
+
+_loads = from_json  # pydantic-core's JSON: several times faster than the json module on these small payloads
 
 
 def _dump(value: Any) -> str | None:
@@ -165,16 +175,57 @@ def _key(row: tuple) -> ApiKeyRecord:
     return k
 
 
+class _Process:
+    """This process's id, kept current across fork without a getpid() system call per transaction."""
+
+    pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=lambda: setattr(_Process, "pid", os.getpid()))
+
+
 @functools.cache
 def _placeholders(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SQLiteTransaction:
-    __slots__ = ("_db",)
+KNOWN_LIMIT = 10_000  # records remembered per kind; past it, start over (a cache, not a copy of the ledger)
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+
+class _Known:
+    """Records this connection read or wrote, exact while nobody else writes (see the module docstring).
+
+    Budgets and reservations form an identity map: the records a transaction hands out are the ones `move`,
+    `set_over_limit` and `save_reservation` keep current, so the rules never hold a stale copy.
+    """
+
+    __slots__ = ("budgets", "tenants", "policies", "reservations", "full")
+
+    def __init__(self) -> None:
+        self.budgets: dict[tuple[str, str], BudgetRecord | None] = {}  # (unit, scope); None: no such budget
+        self.tenants: dict[str, TenantRecord | None] = {}
+        self.policies: dict[str, list[PolicyRecord]] = {}
+        self.reservations: dict[str, ReservationRecord] = {}  # ACTIVE only
+        self.full = False  # past KNOWN_LIMIT somewhere: start over when the transaction ends
+
+    def forget(self) -> None:
+        self.budgets.clear()
+        self.tenants.clear()
+        self.policies.clear()
+        self.reservations.clear()
+        self.full = False
+
+    def note(self, kind: dict[Any, Any]) -> None:
+        if len(kind) > KNOWN_LIMIT:  # not cleared now: records handed out must stay current until commit
+            self.full = True
+
+
+class SQLiteTransaction:
+    __slots__ = ("_db", "_known")
+
+    def __init__(self, db: sqlite3.Connection, known: _Known) -> None:
         self._db = db
+        self._known = known
 
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
@@ -194,10 +245,16 @@ class SQLiteTransaction:
 
     # ---------------------------------------------------------------------------------------------------- tenants
     def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        known = self._known.tenants
+        if tenant_id in known:
+            return known[tenant_id]
         row = self._db.execute(f"SELECT {_TENANT_COLS} FROM tenants WHERE tenant_id = ?", (tenant_id,)).fetchone()
-        return None if row is None else _tenant(row)
+        known[tenant_id] = t = None if row is None else _tenant(row)
+        self._known.note(known)
+        return t
 
     def put_tenant(self, t: TenantRecord) -> None:
+        self._known.forget()
         self._db.execute(
             f"INSERT OR REPLACE INTO tenants ({_TENANT_COLS}) VALUES ({_placeholders(14)})",
             (
@@ -216,11 +273,24 @@ class SQLiteTransaction:
 
     # ---------------------------------------------------------------------------------------------------- budgets
     def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
-        rows = self._db.execute(
-            f"SELECT {_BUDGET_COLS} FROM budgets WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
-            (unit, *scopes),
-        ).fetchall()
-        return [_budget(r) for r in rows]
+        known = self._known.budgets
+        try:
+            found = [known[unit, scope] for scope in scopes]
+        except KeyError:
+            rows = self._db.execute(
+                f"SELECT {_BUDGET_COLS} FROM budgets WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
+                (unit, *scopes),
+            ).fetchall()
+            read = {row[0]: row for row in rows}
+            found = []
+            for scope in scopes:
+                b = known.get((unit, scope))  # a record already handed out stays the one kept current
+                if b is None and scope in read:
+                    b = _budget(read[scope])
+                known[unit, scope] = b
+                found.append(b)
+            self._known.note(known)
+        return [b for b in found if b is not None]
 
     def budget_units(self, scopes: Sequence[str]) -> list[str]:
         rows = self._db.execute(
@@ -237,9 +307,11 @@ class SQLiteTransaction:
         )  # fmt: skip
 
     def insert_budget(self, b: BudgetRecord) -> None:
+        self._known.forget()
         self._db.execute(f"INSERT INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
 
     def save_budget(self, b: BudgetRecord) -> None:
+        self._known.forget()
         self._db.execute(f"REPLACE INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
 
     def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
@@ -248,12 +320,22 @@ class SQLiteTransaction:
             f"WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
             (reserved, spent, debt, unit, *scopes),
         )
+        known = self._known.budgets
+        for scope in scopes:
+            if (b := known.get((unit, scope))) is not None:
+                b.reserved += reserved
+                b.spent += spent
+                b.debt += debt
 
     def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None:
         self._db.execute(
             f"UPDATE budgets SET is_over_limit = ? WHERE unit = ? AND scope IN ({_placeholders(len(scopes))})",
             (int(flag), unit, *scopes),
         )
+        known = self._known.budgets
+        for scope in scopes:
+            if (b := known.get((unit, scope))) is not None:
+                b.is_over_limit = flag
 
     def list_budgets(
         self,
@@ -294,24 +376,41 @@ class SQLiteTransaction:
     # ----------------------------------------------------------------------------------------------- reservations
     def insert_reservation(self, r: ReservationRecord) -> None:
         s = r.subject
-        self._db.execute(
-            f"INSERT INTO reservations ({_RES_COLS}, workspace, app, workflow, agent, toolset) "
-            f"VALUES ({_placeholders(29)})",
-            (
-                r.reservation_id, r.tenant, r.idempotency_key, _dumps(s), _dumps(r.action), r.unit, r.estimate,
-                r.scope_path, _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
-                r.expires_at_ms, r.grace_ms, r.overage_policy, r.extensions, r.committed, r.finalized_at_ms,
-                _dump(r.metadata), _dump(r.committed_metadata), r.reserve_fingerprint, r.reserve_response,
-                r.finalize_key, r.finalize_fingerprint, r.finalize_response,
-                s.get("workspace"), s.get("app"), s.get("workflow"), s.get("agent"), s.get("toolset"),
-            ),
-        )  # fmt: skip
+        try:
+            self._db.execute(
+                f"INSERT INTO reservations ({_RES_COLS}, workspace, app, workflow, agent, toolset) "
+                f"VALUES ({_placeholders(29)})",
+                (
+                    r.reservation_id, r.tenant, r.idempotency_key, _dumps(s), _dumps(r.action), r.unit, r.estimate,
+                    r.scope_path, _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
+                    r.expires_at_ms, r.grace_ms, r.overage_policy, r.extensions, r.committed, r.finalized_at_ms,
+                    _dump(r.metadata), _dump(r.committed_metadata), r.reserve_fingerprint, r.reserve_response,
+                    r.finalize_key, r.finalize_fingerprint, r.finalize_response,
+                    s.get("workspace"), s.get("app"), s.get("workflow"), s.get("agent"), s.get("toolset"),
+                ),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise DuplicateKey(r.tenant, r.idempotency_key) from None
+        self._remember(r)
+
+    def _remember(self, r: ReservationRecord) -> None:
+        known = self._known.reservations
+        if r.status != "ACTIVE":
+            known.pop(r.reservation_id, None)
+            return
+        known[r.reservation_id] = r
+        self._known.note(known)
 
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
+        if (r := self._known.reservations.get(reservation_id)) is not None:
+            return r
         row = self._db.execute(
             f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
         ).fetchone()
-        return None if row is None else _reservation(row)
+        if row is None:
+            return None
+        self._remember(r := _reservation(row))
+        return r
 
     def get_reservation_by_key(self, tenant: str, idempotency_key: str) -> ReservationRecord | None:
         row = self._db.execute(
@@ -330,6 +429,7 @@ class SQLiteTransaction:
                 r.reservation_id,
             ),
         )  # fmt: skip
+        self._remember(r)  # replaces any copy kept before (a sweep saves the copy it read)
 
     def due_reservations(self, now_ms: int, limit: int) -> list[ReservationRecord]:
         rows = self._db.execute(
@@ -394,12 +494,17 @@ class SQLiteTransaction:
 
     # --------------------------------------------------------------------------------------------------- policies
     def policies(self, tenant_id: str) -> list[PolicyRecord]:
+        known = self._known.policies
+        if (found := known.get(tenant_id)) is not None:
+            return found
         rows = self._db.execute(
             "SELECT policy_id, tenant_id, name, scope_pattern, priority, status, created_at_ms, updated_at_ms, body "
             "FROM policies WHERE tenant_id = ? ORDER BY priority DESC, created_at_ms DESC, policy_id",
             (tenant_id,),
         ).fetchall()
-        return [PolicyRecord(*row[:8], _loads(row[8])) for row in rows]
+        known[tenant_id] = found = [PolicyRecord(*row[:8], _loads(row[8])) for row in rows]
+        self._known.note(known)
+        return found
 
     def get_policy(self, policy_id: str) -> PolicyRecord | None:
         row = self._db.execute(
@@ -410,6 +515,7 @@ class SQLiteTransaction:
         return None if row is None else PolicyRecord(*row[:8], _loads(row[8]))
 
     def put_policy(self, p: PolicyRecord) -> None:
+        self._known.forget()
         self._db.execute(
             "REPLACE INTO policies (policy_id, tenant_id, name, scope_pattern, priority, status, created_at_ms, "
             "updated_at_ms, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -464,6 +570,9 @@ class SQLiteStore:
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._pid = -1
+        self._known = _Known()
+        self._data_version = -1
+        self._shared = self.path != ":memory:"  # only a file can be written by another connection
         self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -485,7 +594,8 @@ class SQLiteStore:
         except sqlite3.OperationalError as exc:
             db.close()
             raise self._busy(exc) from exc
-        self._db, self._pid = db, os.getpid()
+        self._db, self._pid = db, _Process.pid
+        self._known.forget()
         return db
 
     def _busy(self, exc: sqlite3.OperationalError) -> Exception:
@@ -493,31 +603,66 @@ class SQLiteStore:
             return StoreBusy(f"ledger store {self.path} stayed locked by another writer for over {self.busy_timeout}s")
         return exc
 
-    @contextmanager
-    def transaction(self, *, readonly: bool = False) -> Iterator[SQLiteTransaction]:
+    def transaction(self, *, readonly: bool = False) -> _Atomic:
         """One atomic operation. Writers take the write lock up front (BEGIN IMMEDIATE); read-only work does not."""
-        with self._lock:
-            db = self._db if self._pid == os.getpid() and self._db is not None else self._connect()
-            try:
-                db.execute("BEGIN" if readonly else "BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise self._busy(exc) from exc
-            try:
-                yield SQLiteTransaction(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            try:
-                db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                db.execute("ROLLBACK")
-                raise self._busy(exc) from exc
+        return _Atomic(self, readonly)
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None and self._pid == os.getpid():
+            if self._db is not None and self._pid == _Process.pid:
                 self._db.close()
             self._db = None
+
+
+class _Atomic:
+    """`with store.transaction() as tx:` commit on success, roll back on any exception. A class rather than a
+    @contextmanager generator: every guarded call runs two of these."""
+
+    __slots__ = ("_store", "_readonly", "_db")
+
+    def __init__(self, store: SQLiteStore, readonly: bool) -> None:
+        self._store, self._readonly = store, readonly
+
+    def __enter__(self) -> SQLiteTransaction:
+        store = self._store
+        store._lock.acquire()
+        try:
+            db = store._db if store._pid == _Process.pid and store._db is not None else store._connect()
+            try:
+                db.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise store._busy(exc) from exc
+            known = store._known
+            if known.full:
+                known.forget()
+            if store._shared:
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version != store._data_version:  # another connection wrote: what we remember may be stale
+                    known.forget()
+                    store._data_version = version
+        except BaseException:
+            if store._db is not None and store._db.in_transaction:
+                store._db.execute("ROLLBACK")
+            store._lock.release()
+            raise
+        self._db = db
+        return SQLiteTransaction(db, known)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        store, db = self._store, self._db
+        try:
+            if exc_type is not None:
+                store._known.forget()  # records may hold changes that are being rolled back
+                db.execute("ROLLBACK")
+                return
+            try:
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as error:
+                store._known.forget()
+                db.execute("ROLLBACK")
+                raise store._busy(error) from error
+        finally:
+            store._lock.release()
 
 
 def open_sqlite(url: str) -> SQLiteStore:

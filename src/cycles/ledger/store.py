@@ -155,8 +155,16 @@ class ReservationFilter:
     finalized: tuple[int | None, int | None] = (None, None)
 
 
+class DuplicateKey(Exception):
+    """`insert_reservation` found the (tenant, idempotency_key) pair taken: the caller replays the original."""
+
+
 class Transaction(Protocol):
-    """Reads and writes inside one atomic operation."""
+    """Reads and writes inside one atomic operation.
+
+    The budget and reservation records a transaction hands out stay current: `move` and `set_over_limit` change
+    them as well as the stored ledgers, so the rules read the new balances off the records they hold.
+    """
 
     def now_ms(self) -> int: ...
 
@@ -175,7 +183,7 @@ class Transaction(Protocol):
     def insert_budget(self, budget: BudgetRecord) -> None: ...
     def save_budget(self, budget: BudgetRecord) -> None: ...
     def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
-        """Add the same deltas to every named ledger in one write."""
+        """Add the same deltas to every named ledger in one write (and to the records handed out for them)."""
         ...
 
     def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None: ...
@@ -192,7 +200,10 @@ class Transaction(Protocol):
     ) -> list[BudgetRecord]: ...
 
     # reservations
-    def insert_reservation(self, reservation: ReservationRecord) -> None: ...
+    def insert_reservation(self, reservation: ReservationRecord) -> None:
+        """Raises DuplicateKey when the reservation's (tenant, idempotency_key) is taken."""
+        ...
+
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None: ...
     def get_reservation_by_key(self, tenant: str, idempotency_key: str) -> ReservationRecord | None: ...
     def save_reservation(self, reservation: ReservationRecord) -> None: ...
