@@ -36,6 +36,7 @@ from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 
 from ..amounts import format_amount
 from ..errors import (
@@ -137,6 +138,11 @@ def fingerprint(request: BaseModel) -> str:
     """SHA-256 of the canonical payload (idempotency key excluded) that a replay must match."""
     payload = request.model_dump_json(exclude_none=True, exclude={"idempotency_key"})  # canonical: see models
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def stored(body: dict[str, Any]) -> str:
+    """The JSON a replay returns: the validated response's own input (no None values), dumped without pydantic."""
+    return to_json(body).decode()
 
 
 def new_id(prefix: str) -> str:
@@ -585,19 +591,19 @@ class Ledger:
             overage_policy=overage,
             metadata=req.metadata,
         )
-        response = ReservationCreateResponse.model_validate(
-            {
-                "decision": "ALLOW_WITH_CAPS" if caps else "ALLOW",
-                "caps": caps,
-                "reservation_id": r.reservation_id,
-                "reserved": amount(unit, estimate),
-                "expires_at_ms": r.expires_at_ms,
-                "remaining_ttl_ms": ttl,
-                "scope_path": r.scope_path,
-                "affected_scopes": scopes,
-            }
-        )
-        r.reserve_fingerprint, r.reserve_response = fp, response.model_dump_json(exclude_none=True)
+        body = {
+            "decision": "ALLOW_WITH_CAPS" if caps else "ALLOW",
+            "reservation_id": r.reservation_id,
+            "reserved": amount(unit, estimate),
+            "expires_at_ms": r.expires_at_ms,
+            "remaining_ttl_ms": ttl,
+            "scope_path": r.scope_path,
+            "affected_scopes": scopes,
+        }
+        if caps:
+            body["caps"] = caps
+        response = ReservationCreateResponse.model_validate(body)
+        r.reserve_fingerprint, r.reserve_response = fp, stored(body)
         self._move(tx, budgets, reserved=estimate)
         tx.insert_reservation(r)
         return response
@@ -640,17 +646,14 @@ class Ledger:
             else:
                 self._move(tx, budgets, reserved=-r.estimate, spent=actual)
                 charged = actual
-            response = CommitResponse.model_validate(
-                {
-                    "status": "COMMITTED",
-                    "charged": amount(r.unit, charged),
-                    "released": amount(r.unit, r.estimate - actual) if actual < r.estimate else None,
-                }
-            )
+            body = {"status": "COMMITTED", "charged": amount(r.unit, charged)}
+            if actual < r.estimate:
+                body["released"] = amount(r.unit, r.estimate - actual)
+            response = CommitResponse.model_validate(body)
             r.status, r.committed, r.finalized_at_ms = "COMMITTED", charged, now
             r.committed_metadata = req.metadata
             r.finalize_key, r.finalize_fingerprint = req.idempotency_key, fp
-            r.finalize_response = response.model_dump_json(exclude_none=True)
+            r.finalize_response = stored(body)
             tx.save_reservation(r)
             return response
 
@@ -670,12 +673,13 @@ class Ledger:
             self._live(r, now)
             budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
             self._move(tx, budgets, reserved=-r.estimate)
-            response = ReleaseResponse.model_validate({"status": "RELEASED", "released": amount(r.unit, r.estimate)})
+            body = {"status": "RELEASED", "released": amount(r.unit, r.estimate)}
+            response = ReleaseResponse.model_validate(body)
             r.status, r.finalized_at_ms = "RELEASED", now
             if req.reason:
                 r.committed_metadata = {"release_reason": req.reason}
             r.finalize_key, r.finalize_fingerprint = req.idempotency_key, fp
-            r.finalize_response = response.model_dump_json(exclude_none=True)
+            r.finalize_response = stored(body)
             tx.save_reservation(r)
             return response
 
