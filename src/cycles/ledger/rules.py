@@ -135,8 +135,9 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(request: BaseModel) -> str:
-    """SHA-256 of the canonical payload (idempotency key excluded) that a replay must match."""
-    payload = request.model_dump_json(exclude_none=True, exclude={"idempotency_key"})  # canonical: see models
+    """SHA-256 of the canonical payload that a replay must match. The idempotency key is hashed too, which changes
+    nothing (a fingerprint is only compared with one stored under the same key) and is cheaper than excluding it."""
+    payload = request.model_dump_json(exclude_none=True)  # canonical: see models
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -417,7 +418,6 @@ class Ledger:
                     details={"scope": scopes[-1], "requested_unit": unit, "expected_units": units},
                 )
             return budgets, Denial("BUDGET_NOT_FOUND", scopes[-1], None, estimate)
-        budgets.sort(key=lambda b: len(b.scope))  # prefixes of one path: shorter is higher
         for b in budgets:
             if b.status == "FROZEN":
                 return budgets, Denial("BUDGET_FROZEN", b.scope, b, estimate)
@@ -628,7 +628,7 @@ class Ledger:
                     f"reservation {reservation_id} is in {r.unit}, the commit is in {req.actual.unit}",
                     details={"scope": r.scope_path, "requested_unit": req.actual.unit, "expected_units": [r.unit]},
                 )
-            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+            budgets = tx.get_budgets(r.unit, r.budgeted_scopes)
             for b in budgets:
                 if b.status in ("FROZEN", "CLOSED"):
                     raise Denial("BUDGET_" + b.status, b.scope, b, actual).error(r.unit)
@@ -641,7 +641,7 @@ class Ledger:
                 )
             if overage:
                 if self._sweep(tx, now):  # the overage draws on remaining budget: free expired holds first
-                    budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+                    budgets = tx.get_budgets(r.unit, r.budgeted_scopes)
                 charged = self._charge(tx, budgets, held=r.estimate, overage=overage, policy=r.overage_policy)
             else:
                 self._move(tx, budgets, reserved=-r.estimate, spent=actual)
@@ -671,7 +671,7 @@ class Ledger:
                 return ReleaseResponse.model_validate_json(r.finalize_response)  # type: ignore[arg-type]
             self._tenant_open(tx, r.tenant)
             self._live(r, now)
-            budgets = sorted(tx.get_budgets(r.unit, r.budgeted_scopes), key=lambda b: len(b.scope))
+            budgets = tx.get_budgets(r.unit, r.budgeted_scopes)
             self._move(tx, budgets, reserved=-r.estimate)
             body = {"status": "RELEASED", "released": amount(r.unit, r.estimate)}
             response = ReleaseResponse.model_validate(body)

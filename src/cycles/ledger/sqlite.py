@@ -597,6 +597,7 @@ class SQLiteStore:
             db.close()
             raise self._busy(exc) from exc
         self._db, self._pid = db, _Process.pid
+        self._tx = SQLiteTransaction(db, self._known)  # stateless beyond these two: one serves every transaction
         self._known.forget()
         return db
 
@@ -648,7 +649,7 @@ class _Atomic:
             store._lock.release()
             raise
         self._db = db
-        return SQLiteTransaction(db, known)
+        return store._tx
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         store, db = self._store, self._db
