@@ -1,7 +1,8 @@
 """HTTP throughput and latency of `cycles serve --workers 2` on loopback: reserve+commit pairs per second and p50/p99
 per operation, with 1 and with 32 concurrent clients, side by side with the Java reference server's published
 figures. The load generator runs in this same process on the same machine (a lean asyncio client writing HTTP/1.1
-requests on raw keep-alive connections: one event loop, no HTTP library), so server and generator share the cores.
+requests on raw keep-alive connections: one event loop, uvloop when installed, no HTTP library), so server and
+generator share the cores.
 
 Run: python benchmarks/serve.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
      python benchmarks/serve.py --profile   # also sample every worker with py-spy during the 32-client phase and
@@ -147,31 +148,67 @@ def seed(url: str) -> str:
 # ---------------------------------------------------------------------------------------------- load generator
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection: write a request, read exactly one response (Content-Length framed)."""
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: write a request, await exactly one response (Content-Length framed).
+    A bare protocol (no StreamReader): the bytes of a response are parsed once, as they arrive."""
 
     def __init__(self, port: int, api_key: str) -> None:
         self.port = port
         self.prefix = (
             f"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nX-Cycles-API-Key: {api_key}\r\n"
         ).encode()
+        self.buffer = b""
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
 
     async def open(self) -> Connection:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport, _ = await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.port)
+        self.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.prefix
-                          + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = self.buffer[:end]
         start = head.lower().index(b"content-length:") + 15
-        length = int(head[start : head.index(b"\r\n", start)])
-        return status, await self.reader.readexactly(length)
+        stop = head.find(b"\r\n", start)
+        size = end + 4 + int(head[start : stop if stop > 0 else len(head)])
+        if len(self.buffer) >= size:
+            body, self.buffer = self.buffer[end + 4 : size], self.buffer[size:]
+            self.waiter.set_result((int(head[9:12]), body))
+            self.waiter = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionError("the server closed the connection"))
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.prefix
+                             + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        return await self.waiter
 
     def close(self) -> None:
-        self.writer.close()
+        self.transport.close()
+
+
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run(coroutine: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (as `cycles serve` runs): the generator's share of the cores."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
 
 
 SUBJECT = json.dumps({"tenant": "acme", "workspace": "prod", "agent": "bot"})
@@ -353,8 +390,8 @@ def table(single: dict[str, Any], multi: dict[str, Any], clients: int, workers: 
         f"| CPU µs per pair, server / generator (1 client) | {cpu(single)} | — | |",
         f"| CPU µs per pair, server / generator ({clients} clients) | {cpu(multi)} | — | |",
         "",
-        f"Load generator: a lean asyncio client (one event loop in the benchmark process, HTTP/1.1 written by hand on "
-        f"raw keep-alive connections, TCP_NODELAY), on the same 2 cores as the server's {workers} worker processes. "
+        f"Load generator: a lean asyncio client (one {loop_name()} event loop in the benchmark process, HTTP/1.1 "
+        f"written by hand on raw keep-alive connections, TCP_NODELAY), on the same 2 cores as the server's {workers} worker processes. "
         f"One SQLite file (WAL), three budgeted levels, every reserve and commit a distinct idempotency key, no "
         f"denials. 1 client: {single['pairs']:,} sequential pairs in {single['elapsed']:.1f} s; {clients} clients: "
         f"{multi['pairs']:,} pairs in {multi['elapsed']:.1f} s, each client on its own connection running "
@@ -381,10 +418,10 @@ def main() -> None:
             api_key = seed(server.url)
             load_start = os.getloadavg()[0]
             pids = [server.proc.pid, *children(server.proc.pid)]
-            asyncio.run(run_load(server.port, api_key, 8, 2.0, 2_000, "warm", pids))  # warm-up: every worker
-            single = asyncio.run(run_load(server.port, api_key, 1, args.seconds, args.pairs, "one", pids))
+            run(run_load(server.port, api_key, 8, 2.0, 2_000, "warm", pids))  # warm-up: every worker
+            single = run(run_load(server.port, api_key, 1, args.seconds, args.pairs, "one", pids))
             profilers = start_profilers(server, args.seconds, tmp) if args.profile else []
-            multi = asyncio.run(run_load(server.port, api_key, args.clients, args.seconds, 10**9, "many", pids))
+            multi = run(run_load(server.port, api_key, args.clients, args.seconds, 10**9, "many", pids))
             load = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
             for proc, _ in profilers:
                 proc.wait(60)

@@ -92,20 +92,21 @@ def serve(
         log_level=log_level.lower(),
         timeout_graceful_shutdown=graceful_timeout,
         server_header=False,
+        access_log=log_level.lower() in ("trace", "debug", "info"),  # above info its lines are dropped: skip the work
         **_fast_io(),
     )
 
 
 def _fast_io() -> dict[str, str]:
-    """uvloop + httptools when installed (the server extra): about half the CPU per request of asyncio + h11, and
-    uvloop sets TCP_NODELAY itself. Otherwise h11 on asyncio with TCP_NODELAY forced, also on the sockets of
-    --workers N (asyncio leaves Nagle on there, which stalls keep-alive requests ~40 ms)."""
+    """uvloop + httptools when installed (the server extra): about half the CPU per request of asyncio + h11.
+    Otherwise h11 on asyncio. Either way through cycles.server.protocol: one send per response, and TCP_NODELAY also
+    on the sockets of --workers N (asyncio leaves Nagle on there, which stalls keep-alive requests ~40 ms)."""
     try:
         import httptools  # noqa: F401
         import uvloop  # noqa: F401
     except ImportError:
         return {"http": "cycles.server.protocol:H11NoDelayProtocol"}
-    return {"http": "httptools", "loop": "uvloop"}
+    return {"http": "cycles.server.protocol:HttpToolsCoalescedProtocol", "loop": "uvloop"}
 
 
 def main() -> None:  # `python -m cycles.serve_cli`

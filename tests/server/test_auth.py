@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cycles import errors
@@ -38,6 +40,29 @@ def test_missing_wrong_and_revoked_keys_are_401(server, admin, acme, raw, acme_k
         acme.reserve(reserve_body("after", 1))
     with pytest.raises(errors.Unauthorized):
         acme.balances({"tenant": "acme"})
+
+
+def test_remembered_keys_follow_changes_made_elsewhere_within_the_ttl(ledger):
+    from cycles.server.auth import Authenticator
+
+    ledger.admin.create_tenant({"tenant_id": "acme", "name": "Acme"})
+    key = ledger.admin.create_api_key({"tenant_id": "acme", "name": "k"})
+    headers = {"x-cycles-api-key": key.key_secret}
+    auth = Authenticator(ledger, None, key_cache_seconds=0.2)
+    assert auth.tenant(headers, None).tenant == "acme"
+    ledger.admin.revoke_api_key(key.key_id)  # as another worker or the CLI would: this process is not told
+    assert auth.tenant(headers, None).tenant == "acme"  # remembered, for at most key_cache_seconds
+    time.sleep(0.25)
+    with pytest.raises(errors.Unauthorized):
+        auth.tenant(headers, None)
+
+    other = ledger.admin.create_api_key({"tenant_id": "acme", "name": "other"})
+    headers = {"x-cycles-api-key": other.key_secret}
+    assert auth.tenant(headers, None).tenant == "acme"
+    ledger.admin.update_tenant("acme", {"status": "SUSPENDED"})
+    auth.forget_keys()  # what the admin routes do after changing a key or a tenant: refused at once
+    with pytest.raises(errors.Unauthorized):
+        auth.tenant(headers, None)
 
 
 def test_expired_key_is_401(server, admin, clock):

@@ -118,3 +118,20 @@ def test_idempotency_header_must_match_the_body(raw, key, server):
         response = raw.post(path, json=payload, headers={**h, "X-Idempotency-Key": "different"})
         assert response.status_code == 409 and response.json()["error"] == "IDEMPOTENCY_MISMATCH", path
     assert server.ledger.balances({"tenant": "acme"}, tenant="acme").balances[0].spent.amount == 0
+
+
+def test_runtime_paths_answer_other_methods_like_every_route(raw, key):
+    """The runtime routes are served by their own dispatcher, in front of Starlette: wrong methods, HEAD and
+    trailing slashes still get Starlette's answers, in the protocol's error shape."""
+    h = {"X-Cycles-API-Key": key}
+    wrong = raw.delete("/v1/reservations/res_x/commit", headers=h)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"] == "INVALID_REQUEST" and wrong.headers["x-request-id"]
+    get = raw.get("/v1/balances", params={"tenant": "acme"}, headers=h)
+    head = raw.head("/v1/balances", params={"tenant": "acme"}, headers=h)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"]
+    assert head.headers["x-cycles-tenant"] == "acme" and TRACE.fullmatch(head.headers["x-cycles-trace-id"])
+    slash = raw.post("/v1/decide/", json=reserve_body("s", 1), headers=h)
+    assert slash.status_code == 307 and slash.headers["location"].endswith("/v1/decide")
+    assert raw.post("/v1/reservations/res_x/cancel", json={}, headers=h).status_code == 404

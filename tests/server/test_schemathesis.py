@@ -149,8 +149,6 @@ def _is_rate_limits(value: Any) -> bool:
     )
 
 
-
-
 _unique = itertools.count()
 
 

@@ -9,7 +9,8 @@ key's own tenant. With the admin key, creating a budget needs `tenant_id` in the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
@@ -80,15 +81,24 @@ class AdminAPI:
         body: bool = False,
         optional_body: bool = False,
     ) -> Any:
-        raw = await read_body(request) if body or optional_body else b""
-        query = query_dict(request)
+        raw = await read_body(request.receive, request.headers) if body or optional_body else b""
+        query = query_dict(request.scope["query_string"])
 
         def work() -> Any:
             principal = seen(request, principal_of())
-            data = parse_json(request, raw, required=not optional_body) if body or optional_body else {}
+            data = parse_json(request.headers, raw, required=not optional_body) if body or optional_body else {}
             return operation(principal, data, query)
 
         return await run_in_threadpool(work)
+
+    @contextmanager
+    def _changing_keys(self) -> Iterator[None]:
+        """Around a change that may stop keys authenticating: this process forgets the keys it remembers (auth.py),
+        also when the change fails half-way."""
+        try:
+            yield
+        finally:
+            self.auth.forget_keys()
 
     def _admin(self, request: Request) -> Callable[[], Principal]:
         return lambda: self.auth.admin(request.headers)
@@ -110,15 +120,16 @@ class AdminAPI:
         return model_response(await self._run(request, self._admin(request), op))
 
     async def get_tenant(self, request: Request) -> Response:
-        tenant_id = path_id(request, "tenant_id")
+        tenant_id = path_id(request.path_params["tenant_id"], "tenant_id")
         result = await self._run(request, self._admin(request), lambda p, b, q: self.admin.get_tenant(tenant_id))
         return model_response(result)
 
     async def update_tenant(self, request: Request) -> Response:
-        tenant_id = path_id(request, "tenant_id")
-        result = await self._run(
-            request, self._admin(request), lambda p, b, q: self.admin.update_tenant(tenant_id, b), body=True
-        )
+        tenant_id = path_id(request.path_params["tenant_id"], "tenant_id")
+        with self._changing_keys():  # a tenant's status decides whether its keys authenticate
+            result = await self._run(
+                request, self._admin(request), lambda p, b, q: self.admin.update_tenant(tenant_id, b), body=True
+            )
         return model_response(result)
 
     # ---------------------------------------------------------------------------------------------------- budgets
@@ -200,7 +211,7 @@ class AdminAPI:
         return model_response(await self._run(request, self._either(request, "policies:read"), op))
 
     async def update_policy(self, request: Request) -> Response:
-        policy_id = path_id(request, "policy_id")
+        policy_id = path_id(request.path_params["policy_id"], "policy_id")
 
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
             check_timestamps(b, "effective_from", "effective_until")
@@ -225,14 +236,15 @@ class AdminAPI:
         return model_response(await self._run(request, self._admin(request), op))
 
     async def update_api_key(self, request: Request) -> Response:
-        key_id = path_id(request, "key_id")
-        result = await self._run(
-            request, self._admin(request), lambda p, b, q: self.admin.update_api_key(key_id, b), body=True
-        )
+        key_id = path_id(request.path_params["key_id"], "key_id")
+        with self._changing_keys():
+            result = await self._run(
+                request, self._admin(request), lambda p, b, q: self.admin.update_api_key(key_id, b), body=True
+            )
         return model_response(result)
 
     async def revoke_api_key(self, request: Request) -> Response:
-        key_id = path_id(request, "key_id")
+        key_id = path_id(request.path_params["key_id"], "key_id")
 
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
             reason = q.get("reason") or None
@@ -240,7 +252,8 @@ class AdminAPI:
                 raise InvalidRequest("reason must be at most 512 characters")
             return self.admin.revoke_api_key(key_id, reason)
 
-        return model_response(await self._run(request, self._admin(request), op))
+        with self._changing_keys():
+            return model_response(await self._run(request, self._admin(request), op))
 
     # ----------------------------------------------------------------------------------------------- validation
     async def validate(self, request: Request) -> Response:

@@ -28,7 +28,8 @@ from ..errors import CyclesError
 from ..ledger import Ledger, open_store
 from .admin import AdminAPI
 from .auth import Authenticator
-from .errors import CorrelationMiddleware, cycles_error_handler, http_error_handler, overflow_handler
+from .dispatch import RuntimeDispatcher
+from .errors import CorrelationMiddleware, cycles_error_handler, http_error_handler
 from .runtime import RuntimeAPI
 from .sweep import Sweeper, lock_path_for
 from .wire import json_response
@@ -38,7 +39,7 @@ log = logging.getLogger("cycles.server")
 DEFAULT_STORE = "sqlite:///.cycles/cycles.db"
 
 
-def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: float | None = 1.0) -> Starlette:
+def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: float | None = 1.0) -> RuntimeDispatcher:
     """The Cycles server over `ledger`.
 
     `admin_api_key`: the secret of `X-Admin-API-Key`; without one the admin routes are not mounted (and logged so).
@@ -93,17 +94,17 @@ def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: flo
         exception_handlers={
             CyclesError: cycles_error_handler,
             HTTPException: http_error_handler,
-            OverflowError: overflow_handler,
+            OverflowError: cycles_error_handler,
         },
         lifespan=lifespan,
     )
     app.state.ledger = ledger
     app.state.sweeper = sweeper
     app.state.admin_enabled = auth.admin_enabled
-    return app
+    return RuntimeDispatcher(runtime.endpoints(), app)  # the hot runtime routes, in front of Starlette
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> RuntimeDispatcher:
     """The app for `uvicorn --factory`: store, admin key and sweep interval from the environment."""
     url = os.environ.get("CYCLES_STORE") or DEFAULT_STORE
     interval = float(os.environ.get("CYCLES_SWEEP_INTERVAL") or 1.0)

@@ -64,8 +64,26 @@ def error_body(exc: CyclesError, request_id: str, trace_id: str) -> bytes:
 
 
 def error_response(exc: CyclesError, request_id: str, trace_id: str) -> Response:
-    status = exc.status if 400 <= exc.status <= 599 else 500
-    return Response(error_body(exc, request_id, trace_id), status_code=status, media_type="application/json")
+    return Response(error_body(exc, request_id, trace_id), status_code=error_status(exc), media_type="application/json")
+
+
+def error_status(exc: CyclesError) -> int:
+    return exc.status if 400 <= exc.status <= 599 else 500
+
+
+def protocol_error(exc: Exception, request_id: str, method: str, path: str) -> CyclesError:
+    """The protocol error a request's exception is answered with, logged as it deserves: a number too large for the
+    store (Python int -> SQLite INTEGER) is the request's fault; anything unexpected is a 500 whose details stay in
+    the log (with the request id; never the request's headers or body)."""
+    if isinstance(exc, CyclesError):
+        if exc.status >= 500:
+            log.error("request %s failed: %s %s", request_id, exc.code, exc.message)
+        return exc
+    if isinstance(exc, OverflowError):
+        log.warning("request %s: number out of range: %s", request_id, exc)
+        return InvalidRequest("a number in the request is out of range")
+    log.error("request %s: unhandled error on %s %s", request_id, method, path, exc_info=exc)
+    return InternalError("internal error")
 
 
 def _ids(request: Request) -> tuple[str, str]:
@@ -74,18 +92,9 @@ def _ids(request: Request) -> tuple[str, str]:
 
 
 async def cycles_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, CyclesError)
+    """CyclesError and OverflowError raised by a Starlette route."""
     request_id, trace_id = _ids(request)
-    if exc.status >= 500:
-        log.error("request %s failed: %s %s", request_id, exc.code, exc.message)
-    return error_response(exc, request_id, trace_id)
-
-
-async def overflow_handler(request: Request, exc: Exception) -> Response:
-    """A number from the request too large for the store (Python int -> SQLite INTEGER): the request's fault."""
-    request_id, trace_id = _ids(request)
-    log.warning("request %s: number out of range: %s", request_id, exc)
-    return error_response(InvalidRequest("a number in the request is out of range"), request_id, trace_id)
+    return error_response(protocol_error(exc, request_id, request.method, request.url.path), request_id, trace_id)
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from pydantic import BaseModel
-from starlette.requests import Request
+from pydantic_core import from_json
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Receive
 
 from ..errors import IdempotencyMismatch, InvalidRequest
 from ..ledger.rules import parse_time_ms
@@ -23,9 +26,9 @@ MAX_DEPTH = 32
 MAX_ID_LENGTH = 128
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body(receive: Receive, headers: Mapping[str, str], limit: int = MAX_BODY_BYTES) -> bytes:
     """The raw body, refused with 413 as soon as it is known to exceed `limit` (header or streamed size)."""
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise InvalidRequest("Content-Length is not a number")
@@ -33,12 +36,17 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise PayloadTooLarge(f"request body over {limit} bytes", details={"max_bytes": limit})
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes", details={"max_bytes": limit})
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _reject_constant(name: str) -> Any:
@@ -63,10 +71,19 @@ def _check(value: Any, depth: int = 0) -> None:
             _check(v, depth + 1)
 
 
-def parse_json(request: Request, raw: bytes, *, required: bool = True) -> dict[str, Any]:
+def _standard_loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limits, NaN/Infinity
+        raise InvalidRequest(f"malformed JSON body: {exc}") from None
+
+
+def parse_json(headers: Mapping[str, str], raw: bytes, *, required: bool = True) -> dict[str, Any]:
     """A JSON object from the request body. When both carry one, X-Idempotency-Key must equal the body's
     idempotency_key (409 IDEMPOTENCY_MISMATCH)."""
-    content_type = request.headers.get("content-type")
+    content_type = headers.get("content-type")
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -76,16 +93,14 @@ def parse_json(request: Request, raw: bytes, *, required: bool = True) -> dict[s
             raise InvalidRequest("request body must be a JSON object")
         return {}
     try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise InvalidRequest(f"JSON nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limits, NaN/Infinity
-        raise InvalidRequest(f"malformed JSON body: {exc}") from None
+        data = from_json(raw, allow_inf_nan=False)  # pydantic-core: three times json.loads on these bodies
+    except ValueError:  # json.loads decides: the same errors as ever, and the encodings it alone reads (UTF-16, BOM)
+        data = _standard_loads(raw)
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
     if b"\\u" in raw or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
         _check(data)
-    header = request.headers.get("x-idempotency-key")
+    header = headers.get("x-idempotency-key")
     body_key = data.get("idempotency_key")
     if header is not None and isinstance(body_key, str) and header != body_key:
         raise IdempotencyMismatch(
@@ -95,12 +110,15 @@ def parse_json(request: Request, raw: bytes, *, required: bool = True) -> dict[s
     return data
 
 
-def query_dict(request: Request) -> dict[str, str]:
-    """Query parameters as a flat dict (last value wins; repeated `include` values are joined with commas)."""
-    params = request.query_params
-    out = dict(params)
+def query_dict(query_string: bytes) -> dict[str, str]:
+    """Query parameters as a flat dict (last value wins; repeated `include` values are joined with commas), decoded
+    as Starlette decodes them."""
+    if not query_string:
+        return {}
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    out = dict(pairs)
     if "include" in out:
-        out["include"] = ",".join(params.getlist("include"))
+        out["include"] = ",".join(v for k, v in pairs if k == "include")
     return out
 
 
@@ -142,8 +160,7 @@ def check_timestamps(data: Mapping[str, Any], *fields: str) -> None:
             raise InvalidRequest(f"{name} is not a timestamp in years 1-9999: {text[:64]!r}")
 
 
-def path_id(request: Request, name: str) -> str:
-    value = request.path_params[name]
+def path_id(value: str, name: str) -> str:
     if not value or len(value) > MAX_ID_LENGTH:
         raise InvalidRequest(f"{name} must be 1-{MAX_ID_LENGTH} characters")
     return value
