@@ -22,6 +22,7 @@ META_PREFIX = "cycles_"
 META_SCOPE = "cycles_scope"  # "workspace:prod/agent:bot"
 META_DIMENSIONS = "cycles_dimensions"  # {"customer": "c-42"}
 META_LEVELS = {META_PREFIX + level: level for level in LEVELS}  # cycles_tenant ... cycles_toolset
+META_KEYS = frozenset((META_SCOPE, META_DIMENSIONS, *META_LEVELS))
 
 MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
 MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_new_tokens", "num_predict")
@@ -58,7 +59,9 @@ def metadata_subject(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 def call_subject(base: dict[str, Any], metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """The guard's explicit subject for one call: the handler's arguments, overridden by the run's metadata (the
     client then puts its defaults and the ambient `cycles.scope` underneath)."""
-    return merge(base, metadata_subject(metadata)) if metadata else base
+    if not metadata or META_KEYS.isdisjoint(metadata):  # the usual case: only LangChain's own metadata
+        return base
+    return merge(base, metadata_subject(metadata))
 
 
 def scope_value(name: str) -> str:
@@ -89,14 +92,29 @@ def model_name(metadata: Mapping[str, Any] | None, params: Mapping[str, Any] | N
 
 def max_output_tokens(params: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> int | None:
     """The request's output limit: invocation parameters first (they include per-call and bound kwargs)."""
-    for source in (params, metadata):
-        if not source:
+    for source, keys in ((params, MAX_TOKENS_KEYS), (metadata, ("ls_max_tokens",))):
+        if not source or source.keys().isdisjoint(keys):
             continue
-        for key in MAX_TOKENS_KEYS if source is params else ("ls_max_tokens",):
+        for key in keys:
             value = source.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+# The JSON of the last tool schemas estimated, by identity: a bound model passes the same list on every call, and
+# encoding it costs tens of microseconds a call.
+_last_tools: tuple[Any, str] = (None, "")
+
+
+def tools_text(tools: Any) -> str:
+    """The tool schemas a request sends, as JSON text (to count their tokens)."""
+    global _last_tools
+    last, text = _last_tools
+    if last is not tools:
+        text = json.dumps(tools, default=str)
+        _last_tools = (tools, text)
+    return text
 
 
 def estimate_call(
@@ -113,7 +131,7 @@ def estimate_call(
     if estimate is None:
         text = prompt_text(prompt)
         if tools:
-            text += "\n" + json.dumps(tools, default=str)
+            text += "\n" + tools_text(tools)
         tokens = pricing.count_tokens(text, model)
         return pricing.estimate(model, prompt_tokens=tokens, max_output_tokens=max_out, unit=unit)
     if callable(estimate):

@@ -153,18 +153,10 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self._lock = threading.Lock()
 
     # LangChain asks these before every event: skip chain, retriever and custom events entirely (tool events are
-    # gated by `ignore_agent`, so that one stays False).
-    @property
-    def ignore_chain(self) -> bool:
-        return True
-
-    @property
-    def ignore_retriever(self) -> bool:
-        return True
-
-    @property
-    def ignore_custom_event(self) -> bool:
-        return True
+    # gated by `ignore_agent`, so that one stays False). Plain attributes: a property costs a call per event.
+    ignore_chain = True
+    ignore_retriever = True
+    ignore_custom_event = True
 
     @property
     def client(self) -> Client:
@@ -216,7 +208,8 @@ class CyclesCallbackHandler(BaseCallbackHandler):
 
     def _start_llm(self, run_id: UUID, prompt: Any, metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
         params = kwargs.get("invocation_params")
-        group = self._join_group(params, kwargs.get("batch_size") or 1)
+        batch_size = kwargs.get("batch_size") or 1
+        group = self._join_group(params, batch_size) if batch_size > 1 else None
         try:
             model = model_name(metadata, params)
             max_out = max_output_tokens(params, metadata)
@@ -264,7 +257,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         assert estimate is not None
         return priced_actual(self.pricing, call.model, estimate, usage, call.prompt, lambda: result_text(response))
 
-    def _metrics(self, call: _LLMCall, usage: Any, version: str | None) -> dict[str, Any]:
+    def _metrics(self, call: _LLMCall, usage: Any, version: str | None) -> dict[str, Any] | None:
+        if call.reservation.status != "ACTIVE":  # drawn from an enclosing hold (or shadow): nothing carries them
+            return None
         metrics: dict[str, Any] = {
             "latency_ms": int((time.monotonic() - call.started) * 1000),
             "model_version": (version or call.model)[:128],

@@ -1,5 +1,5 @@
-"""Ambient state in ContextVars: the subject scope, the current envelope (run budget or outer guard), the current
-reservation.
+"""Ambient state in ContextVars: the subject scope, the current run, the current reservation (which is also the
+envelope inner guarded calls draw from: an outer guard, or a run budget's hold).
 
 ContextVars follow asyncio tasks (each task starts with a copy of its creator's context). Threads start empty:
 hand work to a thread with `cycles.wrap(fn)` (or `contextvars.copy_context().run`) to carry the scope along.
@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .scopes import LEVELS, parse_scope
 
 if TYPE_CHECKING:
-    from .guard import Envelope, Reservation, Run
+    from .guard import Reservation, Run
 
 T = TypeVar("T")
 
 _subject: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "cycles_subject", default=MappingProxyType({})
 )
-envelope: contextvars.ContextVar[Envelope | None] = contextvars.ContextVar("cycles_envelope", default=None)
 reservation: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("cycles_reservation", default=None)
 run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("cycles_run", default=None)
 
@@ -41,13 +40,15 @@ def subject_fields(scope_text: str | None = None, **fields: Any) -> dict[str, An
     return out
 
 
-def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """`extra` wins per level; dimensions merge key by key."""
-    if not extra:
-        return dict(base)
-    merged = {**base, **extra}
-    if "dimensions" in base and "dimensions" in extra:
-        merged["dimensions"] = {**base["dimensions"], **extra["dimensions"]}
+def merge(base: Mapping[str, Any], *layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A new dict: each layer wins per level over the ones before it; dimensions merge key by key."""
+    merged = dict(base)
+    for extra in layers:
+        if extra:
+            dimensions = merged.get("dimensions")
+            merged.update(extra)
+            if dimensions is not None and "dimensions" in extra:
+                merged["dimensions"] = {**dimensions, **extra["dimensions"]}
     return merged
 
 
@@ -63,6 +64,11 @@ def scope(scope_text: str | None = None, /, **fields: Any) -> Iterator[dict[str,
         yield merged
     finally:
         _subject.reset(token)
+
+
+def under_scope(defaults: Mapping[str, Any], explicit: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A call's subject: `defaults` < the ambient `cycles.scope(...)` < `explicit` (a new dict)."""
+    return merge(defaults, _subject.get(), explicit)
 
 
 def current_scope() -> dict[str, Any]:

@@ -115,6 +115,25 @@ class Reservation:
     call then fails), `commit(actual)` / `release()` to settle early, `extend(ms)`.
     """
 
+    # Defaults at class level: one is built per guarded call, so the constructor sets only what varies.
+    status = "PENDING"  # ACTIVE | NESTED | SHADOW | UNGUARDED | COMMITTED | RELEASED
+    id: str | None = None
+    decision: str | None = None
+    reason_code: str | None = None
+    caps: Caps | None = None
+    expires_at_ms: int | None = None
+    estimate: Amount | None = None
+    charged: Amount | None = None
+    metrics: StandardMetrics | None = None
+    commit_metadata: dict[str, Any] | None = None
+    _recorded: int | None = None
+    _parent: Envelope | None = None
+    _run: Run | None = None
+    _drawn = 0  # estimates of inner calls in flight
+    _inner_used = 0  # actuals of inner calls that finished
+    _inner_calls = 0
+    _token: Any = None
+
     def __init__(
         self,
         client: Client,
@@ -132,7 +151,7 @@ class Reservation:
     ) -> None:
         self.client = client
         self._estimate_arg = estimate
-        self.action = as_action(action)
+        self.action = action if isinstance(action, Action) else as_action(action)
         self._subject = subject or {}
         self._actual_arg = actual
         self.ttl_ms = ttl_ms
@@ -140,26 +159,9 @@ class Reservation:
         self.overage_policy = overage_policy
         self.dry_run = client.shadow if dry_run is None else dry_run
         self.metadata = metadata
-        self.key = idempotency_key or os.urandom(16).hex()
-        self.status = "PENDING"  # ACTIVE | NESTED | SHADOW | UNGUARDED | COMMITTED | RELEASED
-        self.id: str | None = None
-        self.decision: str | None = None
-        self.reason_code: str | None = None
-        self.caps: Caps | None = None
-        self.expires_at_ms: int | None = None
-        self.estimate: Amount | None = None
-        self.charged: Amount | None = None
+        self.key = idempotency_key or ""  # made when the reserve is sent (a call drawn in process sends nothing)
         self.subject: dict[str, Any] = {}
-        self.metrics: StandardMetrics | None = None
-        self.commit_metadata: dict[str, Any] | None = None
-        self._recorded: int | None = None
-        self._parent: Envelope | None = None
-        self._run: Run | None = None
         self._lock = threading.Lock()
-        self._drawn = 0  # estimates of inner calls in flight
-        self._inner_used = 0  # actuals of inner calls that finished
-        self._inner_calls = 0
-        self._tokens: tuple[Any, Any] | None = None
 
     # -------------------------------------------------------------------------------------------------- state
     @property
@@ -217,21 +219,25 @@ class Reservation:
     ) -> ReservationCreateRequest | None:
         """Resolve the estimate; draw from an enclosing envelope (returns None) or build the reserve request."""
         est = self._estimate_arg
-        self.estimate = as_amount(est(*args, **(kwargs or {})) if callable(est) else est, "estimate")
+        if not isinstance(est, Amount):
+            est = as_amount(est(*args, **(kwargs or {})) if callable(est) else est, "estimate")
+        estimate = self.estimate = est
         self._run = context.run.get()
-        parent = context.envelope.get()
+        parent: Envelope | None = context.reservation.get()
         if (
             parent is not None
+            and parent.client is self.client
             and parent.active
             and not self.dry_run
-            and parent.client is self.client
-            and parent.unit == self.estimate.unit
+            and parent.unit == estimate.unit
         ):
-            parent.draw(self.estimate.amount, self)
+            parent.draw(estimate.amount, self)
             self._parent, self.status = parent, "NESTED"
             self.decision, self.caps = parent.decision, parent.caps  # the enclosing hold's caps apply inside it
             self._check_tool_caps()
             return None
+        if not self.key:
+            self.key = os.urandom(16).hex()
         self.subject = self.client.subject(self._subject)
         body: dict[str, Any] = {
             "idempotency_key": self.key,
@@ -256,7 +262,8 @@ class Reservation:
                 log.warning("cycles shadow mode: %s would be denied (%s)", self, response.reason_code)
             return
         self.status, self.id, self.expires_at_ms = "ACTIVE", response.reservation_id, response.expires_at_ms
-        self._check_tool_caps()
+        if self.caps is not None:
+            self._check_tool_caps()
         if response.remaining_ttl_ms:
             self.client.heartbeat.watch(self, response.remaining_ttl_ms, rtt_s)
 
@@ -278,15 +285,14 @@ class Reservation:
 
     def _enter_context(self) -> None:
         if self.status in ("ACTIVE", "NESTED"):
-            self._tokens = (context.envelope.set(self), context.reservation.set(self))
+            self._token = context.reservation.set(self)
 
     def _exit_context(self) -> None:
-        if self._tokens is not None:
-            envelope_token, reservation_token = self._tokens
-            self._tokens = None
+        token = self._token
+        if token is not None:
+            self._token = None
             try:
-                context.envelope.reset(envelope_token)
-                context.reservation.reset(reservation_token)
+                context.reservation.reset(token)
             except ValueError:  # exited in another context (e.g. a generator finalised elsewhere): nothing to undo
                 pass
 
@@ -368,12 +374,17 @@ class Reservation:
         assert self.estimate is not None
         return self.estimate.amount
 
-    def _finish_nested(self, used: int | None) -> None:
-        assert self._parent is not None and self.estimate is not None
-        self._parent.settle(self.estimate.amount, used or 0)
-        self.status = "COMMITTED" if used is not None else "RELEASED"
-        if used is not None:
-            self.charged = Amount(unit=self.estimate.unit, amount=used)
+    def _finish_nested(self, used: int | None, charged: Amount | None = None) -> None:
+        estimate = self.estimate
+        assert self._parent is not None and estimate is not None
+        self._parent.settle(estimate.amount, used or 0)
+        if used is None:
+            self.status = "RELEASED"
+        else:
+            self.status = "COMMITTED"
+            if charged is None:
+                charged = estimate if used == estimate.amount else Amount(unit=estimate.unit, amount=used)
+            self.charged = charged
         self._report(used or 0)
 
     def _report(self, used: int) -> None:
@@ -396,7 +407,7 @@ class Reservation:
         elif used is None:
             self.release(reason=f"call failed: {type(exc).__name__}" if exc else None)
         else:
-            self.commit(Amount(unit=self.unit, amount=used))
+            self.commit(used)
 
     async def afinish(self, exc: BaseException | None = None, result: Any = None) -> None:
         self._exit_context()
@@ -412,7 +423,7 @@ class Reservation:
         elif used is None:
             await self.arelease(reason=f"call failed: {type(exc).__name__}" if exc else None)
         else:
-            await self.acommit(Amount(unit=self.unit, amount=used))
+            await self.acommit(used)
 
     def __enter__(self) -> Reservation:
         return self.start()
@@ -430,22 +441,24 @@ class Reservation:
     def _commit_request(
         self, actual: Amount | int | None, metrics: Any, metadata: dict[str, Any] | None
     ) -> CommitRequest:
-        assert self.estimate is not None
+        estimate = self.estimate
+        assert estimate is not None
         if actual is None:
-            actual = self.estimate
-        elif isinstance(actual, int):
-            actual = Amount(unit=self.estimate.unit, amount=actual)
-        self._same_unit(actual)
-        if metrics is not None:
-            self.metrics = metrics if isinstance(metrics, StandardMetrics) else StandardMetrics.model_validate(metrics)
+            actual = estimate
+        elif isinstance(actual, int):  # validated with the request (one pass through pydantic, not two)
+            actual = {"unit": estimate.unit, "amount": actual}  # type: ignore[assignment]
+        else:
+            self._same_unit(actual)
+        body: dict[str, Any] = {"idempotency_key": self.key + ":commit", "actual": actual}
+        if metrics is not None or self.metrics is not None:
+            body["metrics"] = metrics if metrics is not None else self.metrics
         if metadata is not None:
             self.commit_metadata = metadata
-        body: dict[str, Any] = {"idempotency_key": self.key + ":commit", "actual": actual}
-        if self.metrics is not None:
-            body["metrics"] = self.metrics
         if self.commit_metadata is not None:
             body["metadata"] = self.commit_metadata
-        return CommitRequest.model_validate(body)
+        request = CommitRequest.model_validate(body)
+        self.metrics = request.metrics
+        return request
 
     def _settlement_event(self, request: CommitRequest) -> EventCreateRequest:
         """After 410 the hold is gone but the spend happened: debit it directly, keyed like the commit."""
@@ -477,7 +490,7 @@ class Reservation:
         if self.status == "NESTED":
             if actual is not None:
                 self.record(actual)
-            self._finish_nested(self._outcome(False))
+            self._finish_nested(self._outcome(False), actual if isinstance(actual, Amount) else None)
             return self.charged
         if self.status != "ACTIVE":
             return self.charged
@@ -623,6 +636,12 @@ class Reservation:
         return self.expires_at_ms
 
 
+def _default_client() -> Client:
+    from .client import default_client  # the client module imports this one: resolved at call time
+
+    return default_client()
+
+
 def _takes_argument(fn: Callable[..., Any]) -> bool:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -649,9 +668,7 @@ class Run:
         action: ActionArg = None,
         **subject: Any,
     ) -> None:
-        from .client import default_client
-
-        self.client = client or default_client()
+        self.client = client or _default_client()
         self.limit = limit
         self.run_id = run_id or "run_" + os.urandom(8).hex()
         self.action = (
@@ -779,10 +796,8 @@ def guard(
         act = as_action(action, default_name=name) if action is not None else Action(kind="function", name=name)
 
         def make() -> Reservation:
-            from .client import default_client
-
             return Reservation(
-                client or default_client(),
+                client or _default_client(),
                 estimate,
                 action=act,
                 subject=subject,

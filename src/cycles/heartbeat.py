@@ -1,6 +1,10 @@
 """Keep long calls' reservations alive (PROTOCOL.md section 4, "Heartbeat").
 
 One daemon thread per client holds a heap of due times, so watching a reservation costs a heap push, not a thread.
+Most calls end long before their first extension is due (49 s into a default 60 s hold), so a watch whose first beat
+is at least LAZY_MS away is only queued, without taking the lock; the thread, which looks at the queue at least every
+TICK_S while calls come in, moves the reservations still running onto its heap. Forgetting one drops it from a dict.
+
 From each successful reserve or extend: lead_floor = max(0, remaining_ttl - rtt); attempt_budget = max(timeout,
 1000, 2 max_rtt); safety = max(1000, 2 max_rtt); the next extend is due after max(0, lead_floor - (2 attempt_budget
 + safety)). Transient failures retry with the same idempotency key while the window lasts; terminal answers stop.
@@ -15,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .errors import CyclesError, LimitExceeded
@@ -25,6 +30,9 @@ if TYPE_CHECKING:
     from .guard import Reservation
 
 log = logging.getLogger("cycles")
+
+TICK_S = 1.0  # while calls come in, the thread takes in queued watches at least this often
+LAZY_MS = 10_000.0  # a first beat due at least this far ahead is queued, not pushed (far more than a tick)
 
 
 def next_delay_ms(remaining_ttl_ms: int, rtt_ms: float, max_rtt_ms: float, timeout_ms: float) -> float:
@@ -51,10 +59,12 @@ class Heartbeat:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._heap: list[tuple[float, int, _Watch]] = []
-        self._watches: dict[int, _Watch] = {}
+        self._watches: dict[int, _Watch] = {}  # the reservations kept alive (dict operations need no lock)
+        self._queued: deque[tuple[float, _Watch]] = deque()  # watched without the lock, not yet on the heap
         self._seq = itertools.count()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        self._ticking = False  # the thread will look at the queue within a tick
         self._closed = False
 
     @property
@@ -62,20 +72,16 @@ class Heartbeat:
         return self.client.timeout * 1000
 
     def watch(self, reservation: Reservation, remaining_ttl_ms: int, rtt_s: float) -> None:
-        if remaining_ttl_ms <= 0:  # nothing left to keep alive (e.g. a replayed reserve of a settled reservation)
+        if remaining_ttl_ms <= 0 or self._closed:  # nothing left to keep alive (e.g. a replayed settled reserve)
             return
         w = _Watch(reservation, max(1000, reservation.ttl_ms or remaining_ttl_ms))
-        self._schedule(w, remaining_ttl_ms, rtt_s * 1000, register=True)
+        self._watches[id(reservation)] = w
+        self._schedule(w, remaining_ttl_ms, rtt_s * 1000)
 
     def forget(self, reservation: Reservation) -> None:
-        if self._watches:
-            with self._cond:
-                self._watches.pop(id(reservation), None)
-                if len(self._heap) > 1024 + 2 * len(self._watches):  # drop entries of settled reservations
-                    self._heap = [e for e in self._heap if self._watches.get(id(e[2].reservation)) is e[2]]
-                    heapq.heapify(self._heap)
+        self._watches.pop(id(reservation), None)  # its queue or heap entry is dropped when the thread meets it
 
-    def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float, *, register: bool = False) -> None:
+    def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float) -> None:
         w.max_rtt_ms = max(w.max_rtt_ms, rtt_ms)
         delay = next_delay_ms(remaining_ttl_ms, rtt_ms, w.max_rtt_ms, self.timeout_ms)
         w.zero_delays = w.zero_delays + 1 if delay == 0 else 0
@@ -86,39 +92,78 @@ class Heartbeat:
         w.lead_floor_ms = max(0.0, remaining_ttl_ms - rtt_ms)
         w.deadline = now + w.lead_floor_ms / 1000
         w.key = ""  # the next extension gets a new key when it is sent (its retries reuse it)
-        self._push(now + delay / 1000, w, register)
+        if delay < LAZY_MS:
+            self._push(now + delay / 1000, w)
+            return
+        self._queued.append((now + delay / 1000, w))
+        if not self._ticking:  # read after the append: _next_due lowers the flag before it looks at the queue
+            with self._cond:
+                self._wake()
 
-    def _push(self, due: float, w: _Watch, register: bool = False) -> None:
+    def _push(self, due: float, w: _Watch) -> None:
         with self._cond:
-            if register:
-                self._watches[id(w.reservation)] = w
-            if self._closed or id(w.reservation) not in self._watches:
+            if self._closed or self._watches.get(id(w.reservation)) is not w:
                 return
             heapq.heappush(self._heap, (due, next(self._seq), w))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="cycles-heartbeat", daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is w:
-                self._cond.notify()
+            if self._thread is None or self._heap[0][2] is w:
+                self._wake()
+
+    def _wake(self) -> None:  # with the lock held
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._loop, name="cycles-heartbeat", daemon=True)
+            self._thread.start()
+        self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._heap.clear()
             self._watches.clear()
+            self._queued.clear()
             self._cond.notify()
+
+    def _take_queued(self) -> int:
+        """Move the queued watches still running onto the heap (with the lock held); how many were queued."""
+        watches, taken = self._watches, len(self._queued)
+        for _ in range(taken):
+            due, w = self._queued.popleft()
+            if watches.get(id(w.reservation)) is w:
+                heapq.heappush(self._heap, (due, next(self._seq), w))
+        if len(self._heap) > 1024 + 2 * len(watches):  # drop entries of settled reservations
+            self._heap = [e for e in self._heap if watches.get(id(e[2].reservation)) is e[2]]
+            heapq.heapify(self._heap)
+        return taken
+
+    def _next_due(self) -> _Watch | None:
+        """Wait (with the lock held) for the next beat due; None once closed."""
+        while not self._closed:
+            taken = self._take_queued()
+            if not self._watches:  # whatever is left on the heap belongs to settled reservations
+                self._heap.clear()
+            if self._heap:
+                wait = self._heap[0][0] - time.monotonic()
+                if wait <= 0:
+                    w = heapq.heappop(self._heap)[2]
+                    if self._watches.get(id(w.reservation)) is w:
+                        return w
+                    continue
+                self._ticking = True
+                self._cond.wait(min(wait, TICK_S))
+            elif taken:  # calls are coming in: look at the queue again in a tick
+                self._ticking = True
+                self._cond.wait(TICK_S)
+            else:  # idle: lower the flag, then look once more, so a watch queued meanwhile wakes us (_schedule)
+                self._ticking = False
+                if not self._queued:
+                    self._cond.wait()
+        return None
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(timeout)
-                if self._closed:
-                    return
-                _due, _seq, w = heapq.heappop(self._heap)
-                if self._watches.get(id(w.reservation)) is not w:
-                    continue
+                w = self._next_due()
+            if w is None:
+                return
             try:
                 self._beat(w)
             except Exception:  # never let one reservation stop the keep-alive of all the others

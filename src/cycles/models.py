@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 INT64_MAX = 2**63 - 1
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 SCOPE_VALUE = re.compile(r"^[a-zA-Z0-9_.-]+$")
+_NO_LEVELS = (None,) * len(LEVELS)
 
 NonNegativeInt64 = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
 SignedInt64 = Annotated[int, Field(strict=True, ge=-INT64_MAX - 1, le=INT64_MAX)]
@@ -126,7 +127,7 @@ class Subject(_Request):
 
     @model_validator(mode="after")
     def _at_least_one_level(self) -> Subject:
-        if all(getattr(self, level) is None for level in LEVELS):
+        if (self.tenant, self.workspace, self.app, self.workflow, self.agent, self.toolset) == _NO_LEVELS:
             raise ValueError("subject needs at least one of " + ", ".join(LEVELS))
         return self
 

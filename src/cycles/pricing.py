@@ -11,11 +11,12 @@ responses usage, LlamaIndex responses and plain dicts into one `TokenUsage`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from .amounts import MICROCENTS_PER_USD
@@ -29,8 +30,6 @@ __all__ = [
     "default_pricing",
     "normalize_usage",
 ]
-
-_MICROCENTS_PER_MTOK_USD = Decimal(MICROCENTS_PER_USD) / Decimal(1_000_000)  # per token, for a $/MTok price
 
 
 class UnknownModelPrice(LookupError):
@@ -61,7 +60,7 @@ class TokenUsage:
         )
 
     def __bool__(self) -> bool:
-        return self.total_tokens > 0
+        return self.input_tokens + self.output_tokens > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +71,21 @@ class ModelPrice:
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
+    # input, output, cached input and cache write rates over one denominator, exact integers: pricing a call is
+    # integer arithmetic (as exact as Decimal, and much cheaper on the hot path)
+    _rates: tuple[int, int, int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prices = (
+            self.input_per_mtok,
+            self.output_per_mtok,
+            self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok,
+            self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok,
+        )
+        ratios = [price.as_integer_ratio() for price in prices]
+        denominator = math.lcm(*(d for _, d in ratios))
+        rates = [n * (denominator // d) * MICROCENTS_PER_USD for n, d in ratios]  # microcents per million tokens
+        object.__setattr__(self, "_rates", (*rates, denominator * 1_000_000))
 
     @classmethod
     def of(cls, value: ModelPrice | Mapping[str, Any] | Sequence[Any]) -> ModelPrice:
@@ -85,16 +99,19 @@ class ModelPrice:
         return cls(Decimal(str(input_price)), Decimal(str(output_price)))
 
     def cost_microcents(self, usage: TokenUsage) -> int:
-        cached = min(usage.cached_input_tokens, usage.input_tokens)
-        writes = min(usage.cache_write_tokens, usage.input_tokens - cached)
-        plain = usage.input_tokens - cached - writes
-        usd_per_mtok_tokens = (
-            plain * self.input_per_mtok
-            + cached * (self.cached_input_per_mtok if self.cached_input_per_mtok is not None else self.input_per_mtok)
-            + writes * (self.cache_write_per_mtok if self.cache_write_per_mtok is not None else self.input_per_mtok)
-            + usage.output_tokens * self.output_per_mtok
+        return self.tokens_cost(
+            usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens
         )
-        return int((usd_per_mtok_tokens * _MICROCENTS_PER_MTOK_USD).to_integral_value(rounding=ROUND_CEILING))
+
+    def tokens_cost(self, input_tokens: int, output_tokens: int, cached: int = 0, writes: int = 0) -> int:
+        """Microcents for these token counts (input includes cached input and cache writes), rounded up once."""
+        input_rate, output_rate, cached_rate, write_rate, denominator = self._rates
+        total = input_tokens * input_rate + output_tokens * output_rate
+        if cached or writes:  # priced at their own rates instead of the input rate
+            cached = min(cached, input_tokens)
+            writes = min(writes, input_tokens - cached)
+            total += cached * (cached_rate - input_rate) + writes * (write_rate - input_rate)
+        return -(-total // denominator)
 
 
 def _catalog_price(model: str, provider: str | None) -> ModelPrice | None:
@@ -145,8 +162,9 @@ class Pricing:
 
     def price(self, model: str) -> ModelPrice:
         """The price used for `model`: override, else catalog (looked up once per model), else fallback."""
-        if model in self._overrides:
-            return self._overrides[model]
+        found = self._overrides.get(model) or self._cache.get(model)
+        if found is not None:
+            return found
         if model not in self._cache:
             found = _catalog_price(model, self.provider)
             with self._lock:
@@ -164,11 +182,20 @@ class Pricing:
     def cost(self, model: str, usage: TokenUsage | Any, unit: str = "USD_MICROCENTS") -> Amount:
         """What a call with this usage costs, in `unit` (TOKENS budgets need no price)."""
         usage = usage if isinstance(usage, TokenUsage) else normalize_usage(usage)
+        return self._cost(
+            model, unit, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens
+        )
+
+    def _cost(
+        self, model: str, unit: str, input_tokens: int, output_tokens: int, cached: int = 0, writes: int = 0
+    ) -> Amount:
         if unit == "TOKENS":
-            return Amount(unit="TOKENS", amount=usage.total_tokens)
+            return Amount(unit="TOKENS", amount=input_tokens + output_tokens)
         if unit != "USD_MICROCENTS":
             raise ValueError(f"cannot price model usage in {unit}: use USD_MICROCENTS or TOKENS")
-        return Amount(unit="USD_MICROCENTS", amount=self.price(model).cost_microcents(usage))
+        return Amount(
+            unit="USD_MICROCENTS", amount=self.price(model).tokens_cost(input_tokens, output_tokens, cached, writes)
+        )
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
         if not text:
@@ -199,33 +226,45 @@ class Pricing:
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(prompt_text(prompt), model)
         output = max_output_tokens if max_output_tokens is not None else self.default_max_output_tokens
-        return self.cost(model, TokenUsage(input_tokens=prompt_tokens, output_tokens=output), unit)
+        return self._cost(model, unit, prompt_tokens, output)
 
 
 def prompt_text(prompt: Any) -> str:
     """Flatten a prompt (a string, chat messages as objects or dicts, content parts) into text for counting."""
-    if prompt is None:
-        return ""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, Mapping):
+    if prompt is None:
+        return ""
+    shape = _shape(type(prompt))
+    if shape is Mapping:
         parts = [prompt_text(prompt.get("content")), prompt_text(prompt.get("text"))]
         return "\n".join(p for p in parts if p)
-    if isinstance(prompt, Sequence):
-        return "\n".join(prompt_text(p) for p in prompt)
-    content = getattr(prompt, "content", None)
+    if shape is Sequence:
+        return "\n".join([prompt_text(p) for p in prompt])
+    content = getattr(prompt, "content", None)  # a message object
     if content is not None:
-        return prompt_text(content)
+        return content if isinstance(content, str) else prompt_text(content)
     text = getattr(prompt, "text", None)
     return text if isinstance(text, str) else str(prompt)
 
 
-def _get(obj: Any, *path: str) -> Any:
-    for name in path:
-        if obj is None:
-            return None
-        obj = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
-    return obj
+@functools.cache
+def _shape(cls: type) -> type | None:
+    """Mapping, Sequence (not str) or None: abstract class checks are slow, and their answer depends on the class."""
+    if issubclass(cls, Mapping):
+        return Mapping
+    return Sequence if issubclass(cls, Sequence) and not issubclass(cls, str) else None
+
+
+def _getter(obj: Any) -> Callable[[str], Any]:
+    """Read fields off a mapping or an object alike (None when missing)."""
+    if _shape(type(obj)) is Mapping:
+        return obj.get
+    return lambda name: getattr(obj, name, None)
+
+
+def _get(obj: Any, name: str) -> Any:
+    return None if obj is None else _getter(obj)(name)
 
 
 def _int(value: Any) -> int:
@@ -250,40 +289,46 @@ def normalize_usage(usage: Any) -> TokenUsage:
         return TokenUsage()
     if isinstance(usage, TokenUsage):
         return usage
+    get = _getter(usage)
     for nested in ("usage_metadata", "usage"):  # a message or response object carrying its usage
-        inner = _get(usage, nested)
+        inner = get(nested)
         if inner is not None and inner is not usage:
             found = normalize_usage(inner)
             if found:
                 return found
-    if _get(usage, "prompt_tokens") is not None or _get(usage, "completion_tokens") is not None:
+    prompt_tokens, completion_tokens = get("prompt_tokens"), get("completion_tokens")
+    if prompt_tokens is not None or completion_tokens is not None:
         return TokenUsage(
-            input_tokens=_int(_get(usage, "prompt_tokens")),
-            output_tokens=_int(_get(usage, "completion_tokens")),
-            cached_input_tokens=_int(_get(usage, "prompt_tokens_details", "cached_tokens")),
-            reasoning_tokens=_int(_get(usage, "completion_tokens_details", "reasoning_tokens")),
+            input_tokens=_int(prompt_tokens),
+            output_tokens=_int(completion_tokens),
+            cached_input_tokens=_int(_get(get("prompt_tokens_details"), "cached_tokens")),
+            reasoning_tokens=_int(_get(get("completion_tokens_details"), "reasoning_tokens")),
         )
-    if _get(usage, "input_tokens") is not None or _get(usage, "output_tokens") is not None:
-        cached = _int(_get(usage, "input_token_details", "cache_read")) or _int(
-            _get(usage, "input_tokens_details", "cached_tokens")
-        )
-        reasoning = _int(_get(usage, "output_token_details", "reasoning")) or _int(
-            _get(usage, "output_tokens_details", "reasoning_tokens")
-        )
+    input_tokens, output_tokens = get("input_tokens"), get("output_tokens")
+    if input_tokens is not None or output_tokens is not None:
+        cached = writes = reasoning = 0
+        if (details := get("input_token_details")) is not None:  # LangChain
+            cached, writes = _int(_get(details, "cache_read")), _int(_get(details, "cache_creation"))
+        if not cached and (details := get("input_tokens_details")) is not None:  # OpenAI responses
+            cached = _int(_get(details, "cached_tokens"))
+        if (details := get("output_token_details")) is not None:
+            reasoning = _int(_get(details, "reasoning"))
+        if not reasoning and (details := get("output_tokens_details")) is not None:
+            reasoning = _int(_get(details, "reasoning_tokens"))
         return TokenUsage(
-            input_tokens=_int(_get(usage, "input_tokens")),
-            output_tokens=_int(_get(usage, "output_tokens")),
+            input_tokens=_int(input_tokens),
+            output_tokens=_int(output_tokens),
             cached_input_tokens=cached,
-            cache_write_tokens=_int(_get(usage, "input_token_details", "cache_creation")),
+            cache_write_tokens=writes,
             reasoning_tokens=reasoning,
         )
-    if _get(usage, "prompt_llm_token_count") is not None:
+    if get("prompt_llm_token_count") is not None:
         return TokenUsage(
-            input_tokens=_int(_get(usage, "prompt_llm_token_count")),
-            output_tokens=_int(_get(usage, "completion_llm_token_count")),
+            input_tokens=_int(get("prompt_llm_token_count")),
+            output_tokens=_int(get("completion_llm_token_count")),
         )
     for nested in ("raw", "additional_kwargs"):  # LlamaIndex ChatResponse / CompletionResponse
-        inner = _get(usage, nested)
+        inner = get(nested)
         if inner is not None:
             found = normalize_usage(inner)
             if found:

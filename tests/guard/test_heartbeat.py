@@ -9,6 +9,7 @@ import time
 import pytest
 
 import cycles
+from cycles import heartbeat
 from cycles.client.local import LocalTransport
 from cycles.heartbeat import next_delay_ms
 
@@ -112,3 +113,27 @@ def test_heartbeat_retries_a_transient_failure_with_the_same_key(client):
     finally:
         c.heartbeat.close()
     assert_settled(client, 5 * CENT)
+
+
+def test_a_queued_watch_is_kept_alive_too(store_url, monkeypatch):
+    """A watch whose first beat is far off is queued without the lock and taken in by the thread within a tick. With
+    the threshold at 0 every watch here takes that path; the thread idles between the two calls and the second wakes
+    it."""
+    monkeypatch.setattr(heartbeat, "LAZY_MS", 0.0)
+    monkeypatch.setattr(heartbeat, "TICK_S", 0.05)
+    c = cycles.Client(store=store_url, tenant="acme", timeout=0.1)
+    try:
+        c.budgets.set("tenant:acme", cycles.usd(1))
+        with c.reserve(cycles.usd(0.01)):  # a short call: queued, and usually settled before the thread looks
+            pass
+        assert _wait_for(lambda: c.heartbeat._thread is not None and not c.heartbeat._queued)
+        time.sleep(0.25)  # a few ticks with nothing queued or on the heap...
+        assert _wait_for(lambda: not c.heartbeat._ticking)  # ...and the thread idles until the next watch wakes it
+        with c.reserve(cycles.usd(0.05), ttl_ms=3_000) as r:
+            original = r.expires_at_ms
+            assert _wait_for(lambda: c.stats.heartbeats >= 1)
+            assert r.expires_at_ms >= original + 3_000
+        assert c.stats.heartbeat_failures == 0
+        assert_settled(c, 6 * CENT)
+    finally:
+        c.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..amounts import parse_amount
-from ..context import current_scope, merge, subject_fields
+from ..context import subject_fields, under_scope
 from ..errors import InvalidRequest
 from ..guard import ActionArg, EstimateArg, Reservation, as_action, as_amount
 from ..heartbeat import Heartbeat
@@ -158,7 +158,7 @@ class Client:
 
     def subject(self, explicit: dict[str, Any] | None = None) -> dict[str, Any]:
         """The subject of a call: client defaults < ambient cycles.scope(...) < explicit fields."""
-        return merge(merge(self.defaults, current_scope()), explicit or {})
+        return under_scope(self.defaults, explicit)
 
     # ----------------------------------------------------------------------------------------------- runtime
     def reserve(
