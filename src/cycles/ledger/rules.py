@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -146,10 +147,14 @@ def stored(body: dict[str, Any]) -> str:
     return to_json(body).decode()
 
 
+_random = random.Random(os.urandom(32))  # ids are not secrets (every access checks the tenant); no syscall per id
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))  # forked workers must not repeat ids
+
+
 def new_id(prefix: str) -> str:
     """Microseconds since the epoch, then 48 random bits: ids that sort by creation keep every insert at the end of
     the index b-trees (measured: a third cheaper than fully random ids)."""
-    return f"{prefix}{time.time_ns() // 1000:013x}{os.urandom(6).hex()}"
+    return f"{prefix}{time.time_ns() // 1000:013x}{_random.getrandbits(48):012x}"
 
 
 def iso(ms: int | None) -> str | None:

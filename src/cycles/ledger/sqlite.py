@@ -108,6 +108,14 @@ _RES_COLS = (
     "finalized_at_ms, metadata, committed_metadata, reserve_fingerprint, reserve_response, finalize_key, "
     "finalize_fingerprint, finalize_response"
 )
+# a new reservation: its settlement columns (committed, finalize_*, ...) start NULL
+_INSERT_RESERVATION = (
+    "INSERT INTO reservations (reservation_id, tenant, idempotency_key, subject, action, unit, estimate, scope_path, "
+    "budgeted_scopes, status, created_at_ms, expires_at_ms, grace_ms, overage_policy, extensions, metadata, "
+    "reserve_fingerprint, reserve_response, workspace, app, workflow, agent, toolset) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_RESERVATION = f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?"
 _TENANT_COLS = (
     "tenant_id, name, status, parent_tenant_id, default_commit_overage_policy, default_reservation_ttl_ms, "
     "max_reservation_ttl_ms, max_reservation_extensions, reservation_expiry_policy, metadata, created_at_ms, "
@@ -380,14 +388,11 @@ class SQLiteTransaction:
         s = r.subject
         try:
             self._db.execute(
-                f"INSERT INTO reservations ({_RES_COLS}, workspace, app, workflow, agent, toolset) "
-                f"VALUES ({_placeholders(29)})",
+                _INSERT_RESERVATION,
                 (
                     r.reservation_id, r.tenant, r.idempotency_key, _dumps(s), _dumps(r.action), r.unit, r.estimate,
-                    r.scope_path, _dumps(r.budgeted_scopes), r.status, r.created_at_ms,
-                    r.expires_at_ms, r.grace_ms, r.overage_policy, r.extensions, r.committed, r.finalized_at_ms,
-                    _dump(r.metadata), _dump(r.committed_metadata), r.reserve_fingerprint, r.reserve_response,
-                    r.finalize_key, r.finalize_fingerprint, r.finalize_response,
+                    r.scope_path, _dumps(r.budgeted_scopes), r.status, r.created_at_ms, r.expires_at_ms, r.grace_ms,
+                    r.overage_policy, r.extensions, _dump(r.metadata), r.reserve_fingerprint, r.reserve_response,
                     s.get("workspace"), s.get("app"), s.get("workflow"), s.get("agent"), s.get("toolset"),
                 ),
             )  # fmt: skip
@@ -406,9 +411,7 @@ class SQLiteTransaction:
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
         if (r := self._known.reservations.get(reservation_id)) is not None:
             return r
-        row = self._db.execute(
-            f"SELECT {_RES_COLS} FROM reservations WHERE reservation_id = ?", (reservation_id,)
-        ).fetchone()
+        row = self._db.execute(_SELECT_RESERVATION, (reservation_id,)).fetchone()
         if row is None:
             return None
         self._remember(r := _reservation(row))
