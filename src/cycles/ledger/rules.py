@@ -444,13 +444,12 @@ class Ledger:
         """Apply the same deltas to every budget in one store write (which updates the records too)."""
         if not budgets:
             return
-        if reserved > 0 or spent > 0 or debt > 0:  # only growth can leave the int64 range
-            for b in budgets:
-                if (
-                    max(b.reserved + reserved, b.spent + spent, b.debt + debt) > INT64_MAX
-                    or b.remaining - reserved - spent - debt < INT64_MIN
-                ):
-                    check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
+        # Each new counter is >= 0 and allocated >= 0, so while their new sum stays within int64 none can leave it
+        # and remaining cannot fall below INT64_MIN: one sum per ledger, the full check only near the edge.
+        grow = max(reserved + spent + debt, 0)
+        for b in budgets:
+            if b.reserved + b.spent + b.debt + grow > INT64_MAX:
+                check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
         tx.move(budgets[0].unit, [b.scope for b in budgets], reserved=reserved, spent=spent, debt=debt)
 
     @staticmethod
