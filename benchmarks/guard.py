@@ -4,6 +4,8 @@ drawn from a run budget. Prints the microseconds each adds per call (p50). Run: 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from _report import percentiles, record
 import cycles
 
 TARGETS_US = {"file": 400, "memory": 200, "run": 10}
+ROUNDS = 5
 EST = cycles.usd(0.01)
 
 
@@ -31,19 +34,25 @@ def timed(fn, calls: int) -> list[int]:
 
 
 def measure(store: str, calls: int) -> dict[str, float]:
+    """Interleaved rounds (bare, guarded, drawn from a run), each case the median of its rounds' p50: the shared VM's
+    speed moves minute to minute, and a case measured all at once would catch only one of its moods."""
     client = cycles.Client(store=store, tenant="bench")
     client.budgets.set("tenant:bench", cycles.usd(10**6))
     client.budgets.set("tenant:bench/workspace:w", cycles.usd(10**6))
     client.budgets.set("tenant:bench/workspace:w/agent:a", cycles.usd(10**6))
     guarded = cycles.guard(estimate=EST, action=("tool.noop", "noop"), client=client, workspace="w", agent="a")(noop)
     timed(guarded, 300)  # warm-up
-    bare = percentiles(timed(noop, calls))["p50_us"]
-    guard = percentiles(timed(guarded, calls))["p50_us"]
-    with cycles.run(limit=cycles.usd(10**5), client=client, workspace="w", agent="a"):
-        timed(guarded, 300)
-        drawn = percentiles(timed(guarded, calls * 5))["p50_us"]
+    per_round = max(1, calls // ROUNDS)
+    bare, guard, drawn = [], [], []
+    for _ in range(ROUNDS):
+        bare.append(percentiles(timed(noop, per_round))["p50_us"])
+        guard.append(percentiles(timed(guarded, per_round))["p50_us"])
+        with cycles.run(limit=cycles.usd(10**5), client=client, workspace="w", agent="a"):
+            timed(guarded, 100)
+            drawn.append(percentiles(timed(guarded, per_round * 5))["p50_us"])
     client.close()
-    return {"bare": bare, "guarded": guard - bare, "run": drawn - bare}
+    b = statistics.median(bare)
+    return {"bare": b, "guarded": statistics.median(guard) - b, "run": statistics.median(drawn) - b}
 
 
 def main() -> None:
@@ -64,7 +73,8 @@ def main() -> None:
         f"| call drawn from a run budget (file) | {file['run']:.1f} | ≤ {TARGETS_US['run']} {ok(file['run'], TARGETS_US['run'])} |",
         "",
         f"Bare no-op call: {memory['bare']:.2f} µs. Guarded with `@cycles.guard` (3 budgeted levels); "
-        f"{args.calls:,} calls each, p50 of the guarded call minus p50 of the bare call.",
+        f"{args.calls:,} calls each in {ROUNDS} interleaved rounds; per case the median of the rounds' p50, minus "
+        f"the bare call's. Load average at the end: {os.getloadavg()[0]:.1f} (2 cores shared with other work).",
     ]
     table = "\n".join(lines)
     print(table)
