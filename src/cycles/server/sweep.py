@@ -14,20 +14,13 @@ import os
 from starlette.concurrency import run_in_threadpool
 
 from ..ledger import Ledger
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Windows
-    fcntl = None  # type: ignore[assignment]
+from .writelock import fcntl, lock_file_for
 
 log = logging.getLogger("cycles.server")
 
 
 def lock_path_for(ledger: Ledger) -> str | None:
-    path = getattr(ledger.store, "path", None)
-    if not path or path == ":memory:":
-        return None
-    return f"{path}.sweep.lock"
+    return lock_file_for(ledger, "sweep")
 
 
 class Sweeper:

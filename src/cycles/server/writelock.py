@@ -24,11 +24,16 @@ except ImportError:  # pragma: no cover - not on Windows
 log = logging.getLogger("cycles.server")
 
 
-def write_lock_path_for(ledger: Ledger) -> str | None:
+def lock_file_for(ledger: Ledger, purpose: str) -> str | None:
+    """`<db>.<purpose>.lock` beside a SQLite file; None for an in-memory store or without fcntl (no lock needed)."""
     path = getattr(ledger.store, "path", None)
     if not path or path == ":memory:" or fcntl is None:
         return None
-    return f"{path}.write.lock"
+    return f"{path}.{purpose}.lock"
+
+
+def write_lock_path_for(ledger: Ledger) -> str | None:
+    return lock_file_for(ledger, "write")
 
 
 class WriteLock:
