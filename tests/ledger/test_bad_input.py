@@ -8,7 +8,6 @@ request only by the one defect it names.
 from __future__ import annotations
 
 import copy
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,8 @@ import pytest
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import Ledger, SQLiteStore
+
+from . import dump
 
 USD = "USD_MICROCENTS"
 ACTION = {"kind": "llm.completion", "name": "gpt-4o"}
@@ -292,14 +293,6 @@ def world(tmp_path, clock) -> World:
     ledger.event({**BASE["event"], "idempotency_key": "spent"}, tenant="acme")
     yield World(ledger, path, held.reservation_id or "")
     ledger.store.close()
-
-
-def dump(path: str) -> list[str]:
-    db = sqlite3.connect(path)
-    try:
-        return list(db.iterdump())
-    finally:
-        db.close()
 
 
 @pytest.mark.parametrize("op", sorted(OPS))

@@ -23,6 +23,7 @@ import pytest
 from cycles.errors import CyclesError, StoreBusy
 from cycles.ledger import Ledger, SQLiteStore
 
+from . import dump
 from ._workers import hold_write_lock, reserve_worker
 
 USD = "USD_MICROCENTS"
@@ -331,14 +332,6 @@ def test_one_key_two_payloads_one_winner(db_path, clock, stores, mode):
 
 
 # ------------------------------------------------------------------------------------------- StoreBusy
-def dump(path: str) -> list[str]:
-    db = sqlite3.connect(path)
-    try:
-        return list(db.iterdump())
-    finally:
-        db.close()
-
-
 def finishes(call: Callable[[], Any]) -> tuple[str, Any]:
     """Run `call` in a thread; a call that never returns fails the test instead of hanging it."""
     box: list[tuple[str, Any]] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -624,7 +625,7 @@ class _Atomic:
     """`with store.transaction() as tx:` commit on success, roll back on any exception. A class rather than a
     @contextmanager generator: every guarded call runs two of these."""
 
-    __slots__ = ("_store", "_readonly", "_db")
+    __slots__ = ("_store", "_readonly")
 
     def __init__(self, store: SQLiteStore, readonly: bool) -> None:
         self._store, self._readonly = store, readonly
@@ -638,6 +639,10 @@ class _Atomic:
                 db.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise store._busy(exc) from exc
+        except BaseException:
+            store._lock.release()
+            raise
+        try:
             known = store._known
             if known.full:
                 known.forget()
@@ -647,15 +652,14 @@ class _Atomic:
                     known.forget()
                     store._data_version = version
         except BaseException:
-            if store._db is not None and store._db.in_transaction:
-                store._db.execute("ROLLBACK")
-            store._lock.release()
+            self.__exit__(*sys.exc_info())  # the transaction begun above is rolled back, the lock released
             raise
-        self._db = db
         return store._tx
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        store, db = self._store, self._db
+        store = self._store
+        db = store._db
+        assert db is not None  # set by __enter__, under the lock this holds
         try:
             if exc_type is not None:
                 store._known.forget()  # records may hold changes that are being rolled back
