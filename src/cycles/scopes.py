@@ -18,19 +18,28 @@ __all__ = ["LEVELS", "scope_path", "affected_scopes", "parse_scope", "format_sco
 _RANK = {level: i for i, level in enumerate(LEVELS)}
 
 
+def _getter(subject: Subject | Mapping[str, Any]) -> Any:
+    # dict first: the ledger passes plain dicts, and an ABC isinstance check costs more than the rest
+    if isinstance(subject, dict) or isinstance(subject, Mapping):
+        return subject.get
+    return lambda level: getattr(subject, level)
+
+
 def subject_fields(subject: Subject | Mapping[str, Any]) -> dict[str, str]:
     """The standard levels present on a subject, in canonical order."""
-    get = subject.get if isinstance(subject, Mapping) else lambda k: getattr(subject, k)
+    get = _getter(subject)
     return {level: value for level in LEVELS if (value := get(level)) is not None}
 
 
 def affected_scopes(subject: Subject | Mapping[str, Any]) -> list[str]:
     """Cumulative prefixes: `{tenant:a, agent:b}` -> `["tenant:a", "tenant:a/agent:b"]`."""
+    get = _getter(subject)
     scopes: list[str] = []
     path = ""
-    for level, value in subject_fields(subject).items():
-        path = f"{path}/{level}:{value}" if path else f"{level}:{value}"
-        scopes.append(path)
+    for level in LEVELS:
+        if (value := get(level)) is not None:
+            path = f"{path}/{level}:{value}" if path else f"{level}:{value}"
+            scopes.append(path)
     return scopes
 
 

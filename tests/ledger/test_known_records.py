@@ -95,7 +95,7 @@ def test_a_rolled_back_transaction_leaves_nothing_remembered(tmp_path: Path) -> 
     reserve(ledger, "a1")
     with pytest.raises(RuntimeError), store.transaction() as tx:
         budgets = tx.get_budgets(USD, SCOPES)
-        tx.move(USD, SCOPES, reserved=500)
+        tx.move(budgets, reserved=500)
         assert [b.reserved for b in budgets] == [600, 600, 600]  # the records handed out follow the write
         raise RuntimeError("the caller fails after writing")
     with store.transaction() as tx:

@@ -218,8 +218,7 @@ class Admin:
 
     def _close_cascade(self, tx: Transaction, t: TenantRecord, now: int) -> None:
         for r in tx.active_reservations(t.tenant_id):
-            if r.budgeted_scopes:
-                tx.move(r.unit, r.budgeted_scopes, reserved=-r.estimate)
+            tx.move(tx.get_budgets(r.unit, r.budgeted_scopes), reserved=-r.estimate)
             r.status, r.finalized_at_ms = "RELEASED", now
             r.committed_metadata = {"release_reason": "tenant closed"}
             tx.save_reservation(r)

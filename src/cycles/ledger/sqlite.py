@@ -208,10 +208,11 @@ class _Known:
     `set_over_limit` and `save_reservation` keep current, so the rules never hold a stale copy.
     """
 
-    __slots__ = ("budgets", "tenants", "policies", "reservations", "full")
+    __slots__ = ("budgets", "chains", "tenants", "policies", "reservations", "full")
 
     def __init__(self) -> None:
         self.budgets: dict[tuple[str, str], BudgetRecord | None] = {}  # (unit, scope); None: no such budget
+        self.chains: dict[tuple[str, tuple[str, ...]], tuple[BudgetRecord, ...]] = {}  # get_budgets' answers
         self.tenants: dict[str, TenantRecord | None] = {}
         self.policies: dict[str, list[PolicyRecord]] = {}
         self.reservations: dict[str, ReservationRecord] = {}  # ACTIVE only
@@ -219,6 +220,7 @@ class _Known:
 
     def forget(self) -> None:
         self.budgets.clear()
+        self.chains.clear()
         self.tenants.clear()
         self.policies.clear()
         self.reservations.clear()
@@ -281,7 +283,16 @@ class SQLiteTransaction:
         return [_tenant(r) for r in rows]
 
     # ---------------------------------------------------------------------------------------------------- budgets
-    def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
+    def get_budgets(self, unit: str, scopes: Sequence[str]) -> tuple[BudgetRecord, ...]:
+        known = self._known
+        key = (unit, tuple(scopes))
+        found = known.chains.get(key)  # every operation on a subject asks for the same scopes: one lookup
+        if found is None:
+            found = known.chains[key] = tuple(self._budget_records(unit, scopes))
+            known.note(known.chains)
+        return found
+
+    def _budget_records(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
         known = self._known.budgets
         try:
             found = [known[unit, scope] for scope in scopes]
@@ -323,19 +334,23 @@ class SQLiteTransaction:
         self._known.forget()
         self._db.execute(f"REPLACE INTO budgets ({_BUDGET_COLS}) VALUES ({_placeholders(18)})", self._budget_values(b))
 
-    def move(self, unit: str, scopes: Sequence[str], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
+    def move(self, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
         # one primary-key update per ledger, in one call: cheaper than `scope IN (...)`, which builds a temporary
         # b-tree of the listed values on every execution
         self._db.executemany(
             "UPDATE budgets SET reserved = reserved + ?, spent = spent + ?, debt = debt + ? "
             "WHERE scope = ? AND unit = ?",
-            [(reserved, spent, debt, scope, unit) for scope in scopes],
+            [(reserved, spent, debt, b.scope, b.unit) for b in budgets],
         )
-        known = self._known.budgets
-        for scope in scopes:
-            if (b := known.get((unit, scope))) is not None:
+        # the records remembered are these same objects (an identity map); a zero delta is skipped, not added
+        if reserved:
+            for b in budgets:
                 b.reserved += reserved
+        if spent:
+            for b in budgets:
                 b.spent += spent
+        if debt:
+            for b in budgets:
                 b.debt += debt
 
     def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None:
