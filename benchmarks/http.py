@@ -4,12 +4,16 @@ figures. The load generator runs in this same process on the same machine (a lea
 requests on raw keep-alive connections: one event loop, uvloop when installed, no HTTP library), so server and
 generator share the cores.
 
-Run: python benchmarks/serve.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
-     python benchmarks/serve.py --profile   # also sample every worker with py-spy during the 32-client phase and
-                                           # print where their time goes (needs `pip install py-spy`)
+Run: python benchmarks/http.py [--seconds S] [--clients 32] [--workers 2] [--no-record]
+     python benchmarks/http.py --profile   # also sample every worker with py-spy during the 32-client phase and
+                                         # print where their time goes (needs `pip install py-spy`)
 """
 
 from __future__ import annotations
+
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: our own http.py must not shadow the stdlib `http` package
 
 import argparse
 import asyncio
@@ -18,7 +22,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -408,7 +411,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5_000, help="at most this many pairs in the 1-client phase")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--profile", action="store_true", help="cProfile a worker during the multi-client phase")
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the workers with py-spy during the multi-client phase"
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
 

@@ -5,6 +5,10 @@ Run: python benchmarks/langchain.py."""
 
 from __future__ import annotations
 
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: the sibling http.py must not shadow the stdlib `http` package
+
 import argparse
 import asyncio
 import os

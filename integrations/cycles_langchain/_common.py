@@ -141,21 +141,23 @@ def estimate_call(
 
 def priced_actual(
     pricing: Pricing, model: str, estimate: Amount, usage: TokenUsage, prompt: Any, text: str | Callable[[], str]
-) -> Amount:
-    """A finished call's cost from its usage; with none reported, its prompt plus its output text (`text`, or a
-    callable producing it), counted; in a unit pricing cannot produce (or for a model without a price), the
-    estimate."""
+) -> int:
+    """A finished call's cost in the estimate's unit, as an integer (commit and record take it as it is): from its
+    usage; with none reported, its prompt plus its output text (`text`, or a callable producing it), counted; in a
+    unit pricing cannot produce (or for a model without a price), the estimate."""
+    unit = estimate.unit
+    if unit not in ("USD_MICROCENTS", "TOKENS"):
+        return estimate.amount
     try:
         if usage:
-            return pricing.cost(model, usage, estimate.unit)
-        if estimate.unit in ("USD_MICROCENTS", "TOKENS"):
-            output = text() if callable(text) else text
-            return pricing.estimate(
-                model, prompt=prompt, max_output_tokens=pricing.count_tokens(output, model), unit=estimate.unit
-            )
+            return pricing.cost_amount(model, usage, unit)
+        output = text() if callable(text) else text
+        return pricing.estimate(
+            model, prompt=prompt, max_output_tokens=pricing.count_tokens(output, model), unit=unit
+        ).amount
     except UnknownModelPrice as exc:
         log.warning("cycles: %s; committing the estimate", exc)
-    return estimate
+    return estimate.amount
 
 
 def _first_usage(generations: Any) -> tuple[TokenUsage, str | None]:

@@ -152,11 +152,15 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self._actions: dict[tuple[str, str], Action] = {}
         self._lock = threading.Lock()
 
-    # LangChain asks these before every event: skip chain, retriever and custom events entirely (tool events are
-    # gated by `ignore_agent`, so that one stays False). Plain attributes: a property costs a call per event.
+    # LangChain asks these before every event: skip chain, retriever, retry and custom events entirely (tool events
+    # are gated by `ignore_agent`, so that one stays False). Plain attributes: a property costs a call per event.
     ignore_chain = True
     ignore_retriever = True
+    ignore_retry = True
     ignore_custom_event = True
+    ignore_llm = False
+    ignore_chat_model = False
+    ignore_agent = False
 
     @property
     def client(self) -> Client:
@@ -252,7 +256,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if call is not None:
             call.produced = True
 
-    def _actual(self, call: _LLMCall, usage: Any, response: Any) -> Amount:
+    def _actual(self, call: _LLMCall, usage: Any, response: Any) -> int:
         estimate = call.reservation.estimate
         assert estimate is not None
         return priced_actual(self.pricing, call.model, estimate, usage, call.prompt, lambda: result_text(response))
@@ -275,9 +279,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
             return
         usage, version = result_usage(response)
         if cache_hit(response):  # answered from LangChain's cache: nothing was spent
-            estimate = call.reservation.estimate
-            assert estimate is not None
-            call.reservation.commit(Amount(unit=estimate.unit, amount=0), metrics=self._metrics(call, usage, version))
+            call.reservation.commit(0, metrics=self._metrics(call, usage, version))
             return
         call.reservation.commit(self._actual(call, usage, response), metrics=self._metrics(call, usage, version))
 

@@ -181,21 +181,23 @@ class Pricing:
 
     def cost(self, model: str, usage: TokenUsage | Any, unit: str = "USD_MICROCENTS") -> Amount:
         """What a call with this usage costs, in `unit` (TOKENS budgets need no price)."""
+        return Amount(unit=unit, amount=self.cost_amount(model, usage, unit))
+
+    def cost_amount(self, model: str, usage: TokenUsage | Any, unit: str = "USD_MICROCENTS") -> int:
+        """`cost(...).amount`, without building the Amount (a commit can take the integer as it is)."""
         usage = usage if isinstance(usage, TokenUsage) else normalize_usage(usage)
-        return self._cost(
+        return self._amount(
             model, unit, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.cache_write_tokens
         )
 
-    def _cost(
+    def _amount(
         self, model: str, unit: str, input_tokens: int, output_tokens: int, cached: int = 0, writes: int = 0
-    ) -> Amount:
+    ) -> int:
         if unit == "TOKENS":
-            return Amount(unit="TOKENS", amount=input_tokens + output_tokens)
+            return input_tokens + output_tokens
         if unit != "USD_MICROCENTS":
             raise ValueError(f"cannot price model usage in {unit}: use USD_MICROCENTS or TOKENS")
-        return Amount(
-            unit="USD_MICROCENTS", amount=self.price(model).tokens_cost(input_tokens, output_tokens, cached, writes)
-        )
+        return self.price(model).tokens_cost(input_tokens, output_tokens, cached, writes)
 
     def count_tokens(self, text: str, model: str | None = None) -> int:
         if not text:
@@ -226,7 +228,7 @@ class Pricing:
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(prompt_text(prompt), model)
         output = max_output_tokens if max_output_tokens is not None else self.default_max_output_tokens
-        return self._cost(model, unit, prompt_tokens, output)
+        return Amount(unit=unit, amount=self._amount(model, unit, prompt_tokens, output))
 
 
 def prompt_text(prompt: Any) -> str:
@@ -239,8 +241,8 @@ def prompt_text(prompt: Any) -> str:
     if shape is Mapping:
         parts = [prompt_text(prompt.get("content")), prompt_text(prompt.get("text"))]
         return "\n".join(p for p in parts if p)
-    if shape is Sequence:
-        return "\n".join([prompt_text(p) for p in prompt])
+    if shape is Sequence:  # chat messages, usually: read a message's text content without a call per message
+        return "\n".join([c if type(c := getattr(p, "content", None)) is str else prompt_text(p) for p in prompt])
     content = getattr(prompt, "content", None)  # a message object
     if content is not None:
         return content if isinstance(content, str) else prompt_text(content)
@@ -289,7 +291,7 @@ def normalize_usage(usage: Any) -> TokenUsage:
         return TokenUsage()
     if isinstance(usage, TokenUsage):
         return usage
-    get = _getter(usage)
+    get = usage.get if type(usage) is dict else _getter(usage)  # a plain dict (LangChain's usage_metadata) is usual
     for nested in ("usage_metadata", "usage"):  # a message or response object carrying its usage
         inner = get(nested)
         if inner is not None and inner is not usage:

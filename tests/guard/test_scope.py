@@ -182,3 +182,25 @@ def test_scope_carried_into_a_thread_reaches_the_ledger(tree):
         tree,
         {"tenant:acme": 6 * CENT, "tenant:acme/workflow:wf": 3 * CENT, "tenant:acme/workflow:wf/agent:a": 3 * CENT},
     )
+
+
+def test_repeated_subjects_stay_exact_and_bad_ones_are_still_refused(tree):
+    """Validated subjects are reused from call to call: each call still gets its own, and a bad value is refused
+    every time, also right after a good one."""
+    for agent in ("a", "b", "a"):
+        with tree.reserve(cycles.usd(0.01), workflow="wf", agent=agent):
+            pass
+    assert [r.subject.agent for r in reversed(tree.reservations())] == ["a", "b", "a"]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="agent"):  # pydantic's ValidationError
+            with tree.reserve(cycles.usd(0.01), workflow="wf", agent="not a scope value"):
+                pass
+    assert_settled(
+        tree,
+        {
+            "tenant:acme": 3 * CENT,
+            "tenant:acme/workflow:wf": 3 * CENT,
+            "tenant:acme/workflow:wf/agent:a": 2 * CENT,
+            "tenant:acme/workflow:wf/agent:b": CENT,
+        },
+    )

@@ -122,6 +122,14 @@ def test_usage_missing_is_counted_from_the_text(funded: cycles.Client) -> None:
     assert r.committed.amount < r.reserved.amount
 
 
+def test_fixed_estimate_in_a_unit_pricing_cannot_produce_commits_the_estimate(client: cycles.Client) -> None:
+    client.budgets.set("tenant:acme", cycles.credits(100))
+    model = UsageChatModel()
+    model.invoke("hi", config={"callbacks": [CyclesCallbackHandler(client, estimate=cycles.credits(7))]})
+    [r] = client.reservations()
+    assert r.status == "COMMITTED" and r.committed == cycles.credits(7)
+
+
 def test_cache_hit_commits_nothing(funded: cycles.Client) -> None:
     from langchain_core.caches import InMemoryCache
 

@@ -140,7 +140,9 @@ class RuntimeDispatcher:
             if endpoint.reads_body:
                 call.body = await read_body(receive, headers)
             status = endpoint.status
-            body = endpoint.handler(call).model_dump_json(exclude_none=True).encode()
+            model = endpoint.handler(call)
+            # model_dump_json's bytes, without its wrapper's decode to str (and our encode back)
+            body = model.__pydantic_serializer__.to_json(model, exclude_none=True)
         except ClientDisconnect:
             return  # nobody to answer
         except Exception as exc:

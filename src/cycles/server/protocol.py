@@ -54,6 +54,9 @@ class CoalescedWrites:
         self.flush()
         self._transport.close()
 
+    def is_closing(self) -> bool:  # asked on every response: spare it the __getattr__ detour
+        return self._transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:  # everything else: the real transport
         return getattr(self._transport, name)
 
