@@ -42,6 +42,12 @@ def serve(
     graceful_timeout: Annotated[
         float, typer.Option(min=0.0, help="Seconds in-flight requests get to finish on shutdown (SIGINT/SIGTERM).")
     ] = 10.0,
+    keep_alive: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Seconds an idle keep-alive connection stays open; above a load balancer's idle timeout."
+        ),
+    ] = 5,
 ) -> None:
     """Serve the Cycles protocol v0 over HTTP on a ledger store.
 
@@ -53,6 +59,7 @@ def serve(
       --sweep-interval   seconds between expiry sweeps (default 1; 0 disables the timer)
       --log-level        uvicorn log level (default info)
       --graceful-timeout seconds to finish in-flight requests on shutdown (default 10)
+      --keep-alive       seconds an idle keep-alive connection stays open (default 5)
 
     Endpoints: POST and GET /v1/reservations, GET /v1/reservations/ID, POST /v1/reservations/ID/commit, release
     and extend, POST /v1/decide, GET /v1/balances, POST /v1/events; /v1/admin/tenants, budgets and api-keys;
@@ -91,6 +98,7 @@ def serve(
         workers=workers if workers > 1 else None,
         log_level=log_level.lower(),
         timeout_graceful_shutdown=graceful_timeout,
+        timeout_keep_alive=keep_alive,
         server_header=False,
         access_log=log_level.lower() in ("trace", "debug", "info"),  # above info its lines are dropped: skip the work
         **_fast_io(),

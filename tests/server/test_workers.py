@@ -73,7 +73,9 @@ def assert_identity(budgets: dict[str, Any]) -> None:
 
 def test_concurrent_reserves_through_two_workers(tmp_path: Path) -> None:
     allocations = [10 * B, B, 3 * B]  # the workspace binds; the levels above and below have room to spare
-    with CyclesServe(tmp_path, workers=2) as server:
+    # Opening the 200 connections can outlast the default 5 s keep-alive on a busy machine; a connection the server
+    # closes for idleness just as its reserve is sent fails with ReadError, so keep idle connections open longer.
+    with CyclesServe(tmp_path, workers=2, extra_args=("--keep-alive", "60")) as server:
         assert len(server.worker_pids()) == 2
         key = setup_tenant(server, allocations)
         headers = {"X-Cycles-API-Key": key}
