@@ -7,6 +7,7 @@ scopes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,13 +35,18 @@ def subject_fields(subject: Subject | Mapping[str, Any]) -> dict[str, str]:
 def affected_scopes(subject: Subject | Mapping[str, Any]) -> list[str]:
     """Cumulative prefixes: `{tenant:a, agent:b}` -> `["tenant:a", "tenant:a/agent:b"]`."""
     get = _getter(subject)
+    return list(_prefixes(get("tenant"), get("workspace"), get("app"), get("workflow"), get("agent"), get("toolset")))
+
+
+@functools.lru_cache(maxsize=4096)  # a process sees the same few subjects again and again
+def _prefixes(*values: str | None) -> tuple[str, ...]:
     scopes: list[str] = []
     path = ""
-    for level in LEVELS:
-        if (value := get(level)) is not None:
+    for level, value in zip(LEVELS, values, strict=True):
+        if value is not None:
             path = f"{path}/{level}:{value}" if path else f"{level}:{value}"
             scopes.append(path)
-    return scopes
+    return tuple(scopes)
 
 
 def scope_path(subject: Subject | Mapping[str, Any]) -> str:
