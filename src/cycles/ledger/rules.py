@@ -523,7 +523,7 @@ class Ledger:
                     prior = tx.get_reservation_by_key(owner, key)
                     if prior is not None:
                         return self._replay_reserve(prior, fp, key, now)
-                return self._reserve(tx, req, payload, subject, fp, now)
+                return self._reserve(tx, req, subject, payload["action"], fp, now)
         except (DuplicateKey, CyclesError) as exc:
             # A replay wins over whatever a new reservation met. The key is looked up only now, after the attempt
             # rolled back, which spares every first-time reserve a read.
@@ -546,8 +546,8 @@ class Ledger:
         self,
         tx: Transaction,
         req: ReservationCreateRequest,
-        payload: dict[str, Any],
         subject: dict[str, Any],
+        action: dict[str, Any],
         fp: str,
         now: int,
     ) -> ReservationCreateResponse:
@@ -599,7 +599,7 @@ class Ledger:
             tenant=owner,
             idempotency_key=req.idempotency_key,
             subject=subject,
-            action=payload["action"],
+            action=action,
             unit=unit,
             estimate=estimate,
             scope_path=scopes[-1],
