@@ -120,7 +120,7 @@ def parse(model: type[M], value: M | Mapping[str, Any]) -> M:
     if isinstance(value, model):
         return value
     try:
-        return model.model_validate(value)
+        return model.__pydantic_validator__.validate_python(value)  # model_validate without its wrapper
     except ValidationError as exc:
         problems = [
             {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -594,6 +593,7 @@ class SQLiteStore:
         self._known = _Known()
         self._data_version = -1
         self._shared = self.path != ":memory:"  # only a file can be written by another connection
+        self._batching = False  # a batch is open (by the thread holding _lock): transactions are savepoints
         self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -629,6 +629,12 @@ class SQLiteStore:
         """One atomic operation. Writers take the write lock up front (BEGIN IMMEDIATE); read-only work does not."""
         return _Atomic(self, readonly)
 
+    def batch(self) -> _Batch:
+        """`with store.batch():` the transactions this thread runs inside share one commit at the end (a SAVEPOINT
+        each, still all or nothing one by one). Writing the file's changes once per batch instead of once per
+        operation is most of what an operation costs on a file: the server runs each batch of calls this way."""
+        return _Batch(self)
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None and self._pid == _Process.pid:
@@ -648,26 +654,17 @@ class _Atomic:
     def __enter__(self) -> SQLiteTransaction:
         store = self._store
         store._lock.acquire()
-        try:
-            db = store._db if store._pid == _Process.pid and store._db is not None else store._connect()
+        if store._batching:  # inside this thread's batch (the lock is re-entrant): a savepoint of it
             try:
-                db.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise store._busy(exc) from exc
+                store._db.execute("SAVEPOINT operation")  # type: ignore[union-attr]
+            except BaseException:
+                store._lock.release()
+                raise
+            return store._tx
+        try:
+            _begin(store, "BEGIN" if self._readonly else "BEGIN IMMEDIATE")
         except BaseException:
             store._lock.release()
-            raise
-        try:
-            known = store._known
-            if known.full:
-                known.forget()
-            if store._shared:
-                version = db.execute("PRAGMA data_version").fetchone()[0]
-                if version != store._data_version:  # another connection wrote: what we remember may be stale
-                    known.forget()
-                    store._data_version = version
-        except BaseException:
-            self.__exit__(*sys.exc_info())  # the transaction begun above is rolled back, the lock released
             raise
         return store._tx
 
@@ -676,18 +673,81 @@ class _Atomic:
         db = store._db
         assert db is not None  # set by __enter__, under the lock this holds
         try:
-            if exc_type is not None:
-                store._known.forget()  # records may hold changes that are being rolled back
-                db.execute("ROLLBACK")
+            if store._batching:
+                if exc_type is not None:
+                    store._known.forget()  # records may hold changes that are being rolled back
+                    db.execute("ROLLBACK TO operation")
+                db.execute("RELEASE operation")
                 return
-            try:
-                db.execute("COMMIT")
-            except sqlite3.OperationalError as error:
-                store._known.forget()
-                db.execute("ROLLBACK")
-                raise store._busy(error) from error
+            _end(store, db, exc_type is None)
         finally:
             store._lock.release()
+
+
+class _Batch:
+    """`with store.batch():` one BEGIN IMMEDIATE ... COMMIT around the transactions run inside (SQLiteStore.batch)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        store = self._store
+        store._lock.acquire()
+        try:
+            if store._batching:
+                raise RuntimeError("batches do not nest")
+            _begin(store, "BEGIN IMMEDIATE")
+        except BaseException:
+            store._lock.release()
+            raise
+        store._batching = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        store = self._store
+        store._batching = False
+        try:
+            _end(store, store._db, exc_type is None)  # type: ignore[arg-type]
+        finally:
+            store._lock.release()
+
+
+def _begin(store: SQLiteStore, begin: str) -> sqlite3.Connection:
+    """Begin a transaction (the caller holds store._lock); forget what may be stale."""
+    db = store._db if store._pid == _Process.pid and store._db is not None else store._connect()
+    try:
+        db.execute(begin)
+    except sqlite3.OperationalError as exc:
+        raise store._busy(exc) from exc
+    try:
+        known = store._known
+        if known.full:
+            known.forget()
+        if store._shared:
+            version = db.execute("PRAGMA data_version").fetchone()[0]
+            if version != store._data_version:  # another connection wrote: what we remember may be stale
+                known.forget()
+                store._data_version = version
+    except BaseException:
+        store._known.forget()
+        db.execute("ROLLBACK")
+        raise
+    return db
+
+
+def _end(store: SQLiteStore, db: sqlite3.Connection, commit: bool) -> None:
+    """Commit (or roll back) the transaction begun by _begin."""
+    if not commit:
+        store._known.forget()  # records may hold changes that are being rolled back
+        db.execute("ROLLBACK")
+        return
+    try:
+        db.execute("COMMIT")
+    except sqlite3.OperationalError as error:
+        store._known.forget()
+        db.execute("ROLLBACK")
+        raise store._busy(error) from error
 
 
 def open_sqlite(url: str) -> SQLiteStore:

@@ -237,4 +237,10 @@ class Store(Protocol):
     url: str
 
     def transaction(self, *, readonly: bool = False) -> AbstractContextManager[Transaction]: ...
+
+    def batch(self) -> AbstractContextManager[None]:
+        """The transactions run inside (by this thread) may share one commit at the end; each stays all or nothing
+        on its own. Nothing of the batch is durable, or seen by others, before the block ends without error."""
+        ...
+
     def close(self) -> None: ...

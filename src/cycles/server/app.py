@@ -101,7 +101,7 @@ def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: flo
     app.state.ledger = ledger
     app.state.sweeper = sweeper
     app.state.admin_enabled = auth.admin_enabled
-    return RuntimeDispatcher(runtime.endpoints(), app)  # the hot runtime routes, in front of Starlette
+    return RuntimeDispatcher(runtime.endpoints(), app, runtime.write_lock)  # hot runtime routes in front
 
 
 def app_from_env() -> RuntimeDispatcher:

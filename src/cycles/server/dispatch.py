@@ -3,10 +3,11 @@
 Reserve, commit and the other runtime calls are the server's whole load. Through Starlette each one crossed a
 middleware stack, a router, a Request and a Response object, which cost several times what the rest of the request
 does (HTTP parsing, the ledger's SQLite transaction). Here a request whose method and path match a runtime endpoint
-is served directly: headers read once into a dict, the body read from `receive`, the handler (synchronous: the
-ledger runs inline) called, the JSON response sent in one start and one body message. Every other request (admin,
-health, unknown routes, wrong methods, trailing slashes, lifespan) goes to the Starlette app unchanged, which also
-holds the runtime paths so that it answers their 405s and redirects as before.
+is served directly: headers read once into a dict, the body read from `receive`, the handler called (it
+authenticates and parses, and hands back the ledger work), that work run under the workers' write lock in a batch
+with the other calls of the moment (writelock.py), the JSON response sent in one start and one body message.
+Every other request (admin, health, unknown routes, wrong methods, trailing slashes, lifespan) goes to the Starlette
+app unchanged, which also holds the runtime paths so that it answers their 405s and redirects as before.
 
 What a client sees is the same either way: the correlation headers (X-Request-Id, X-Cycles-Trace-Id, and
 X-Cycles-Tenant once a tenant key authenticated, errors included), the protocol's error body, 413 / 400 on bad bodies.
@@ -24,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import Principal
 from .errors import error_body, error_status, new_request_id, protocol_error, trace_id_from
 from .wire import path_id, read_body
+from .writelock import WriteLock
 
 RESERVATIONS = "/v1/reservations"
 RESERVATION_ACTIONS = ("commit", "release", "extend")
@@ -51,11 +53,12 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A runtime route: `path` in Starlette's syntax, the handler and its success status."""
+    """A runtime route: `path` in Starlette's syntax, the handler and its success status. The handler prepares the
+    call (authenticate, parse) and returns the ledger work, which the dispatcher runs under the write lock."""
 
     method: str
     path: str
-    handler: Callable[[Call], BaseModel]
+    handler: Callable[[Call], Callable[[], BaseModel]]
     status: int = 200
 
     @property
@@ -99,11 +102,12 @@ def read_headers(scope: Scope) -> dict[str, str]:
 
 
 class RuntimeDispatcher:
-    """ASGI app: the runtime `endpoints` served directly, anything else passed to `fallback` (the Starlette app,
-    whose `state` this app shares)."""
+    """ASGI app: the runtime `endpoints` served directly, their ledger work under `write_lock`; anything else passed
+    to `fallback` (the Starlette app, whose `state` this app shares)."""
 
-    def __init__(self, endpoints: list[Endpoint], fallback: ASGIApp) -> None:
+    def __init__(self, endpoints: list[Endpoint], fallback: ASGIApp, write_lock: WriteLock) -> None:
         self.fallback = fallback
+        self.write_lock = write_lock
         self.state = getattr(fallback, "state", None)
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         for e in endpoints:
@@ -140,7 +144,7 @@ class RuntimeDispatcher:
             if endpoint.reads_body:
                 call.body = await read_body(receive, headers)
             status = endpoint.status
-            model = endpoint.handler(call)
+            model = await self.write_lock.run(endpoint.handler(call))
             # model_dump_json's bytes, without its wrapper's decode to str (and our encode back)
             body = model.__pydantic_serializer__.to_json(model, exclude_none=True)
         except ClientDisconnect:

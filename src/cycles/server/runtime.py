@@ -1,16 +1,15 @@
 """The nine runtime endpoints of Cycles protocol v0, under /v1.
 
-Each handler authenticates, parses and calls the ledger with the key's tenant as the effective tenant, inline on the
-event loop: a ledger operation is one short SQLite transaction, cheaper than the hop to a worker thread and back
-(that hop cost a fifth of the server's CPU per request), and made by one worker process at a time (writelock.py).
-The handlers are synchronous functions of a `Call`; dispatch.py serves them (reading the body first) and turns their
-exceptions into protocol error bodies.
+Each handler authenticates and parses, and returns the ledger call to make, with the key's tenant as the effective
+tenant; dispatch.py runs it under the workers' write lock (writelock.py) and turns exceptions into protocol error
+bodies. The ledger runs on the event loop's thread: a ledger operation is one short SQLite transaction, cheaper than
+the hop to a worker thread and back (that hop cost a fifth of the server's CPU per request).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -19,72 +18,96 @@ from starlette.routing import Route
 
 from ..errors import InvalidRequest
 from ..ledger import Ledger
-from ..models import LEVELS, BudgetLedger
+from ..ledger.rules import parse
+from ..models import (
+    LEVELS,
+    BudgetLedger,
+    CommitRequest,
+    DecisionRequest,
+    EventCreateRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+    ReservationExtendRequest,
+)
 from .auth import Authenticator
 from .dispatch import Call, Endpoint
 from .wire import check_timestamps, parse_json, query_dict, query_int
-from .writelock import WriteLock, write_lock_path_for
+from .writelock import WriteLock, lock_file_for
+
+LedgerWork = Callable[[], BaseModel]
+M = TypeVar("M", bound=BaseModel)
 
 
 class RuntimeAPI:
     def __init__(self, ledger: Ledger, auth: Authenticator) -> None:
         self.ledger = ledger
         self.auth = auth
-        self.serialized = WriteLock(write_lock_path_for(ledger))  # around each ledger call: see writelock.py
+        # taken by the dispatcher around the ledger work, a batch of calls at a time, each batch one store transaction
+        path = lock_file_for(ledger, "write")
+        self.write_lock = WriteLock(path, ledger.store.batch) if path else WriteLock(None)
 
     def _post(
         self,
         call: Call,
         permission: str,
-        operation: Callable[[dict[str, Any], str | None], BaseModel],
+        model: type[M],
+        operation: Callable[[M, str | None], BaseModel],
         *,
         admin: bool = False,
-    ) -> BaseModel:
+    ) -> LedgerWork:
+        """Authenticate, parse and validate the body here, outside the write lock (bad input never takes it)."""
         headers = call.headers
         principal = self.auth.either(headers, permission) if admin else self.auth.tenant(headers, permission)
         call.seen(principal)
-        data = parse_json(headers, call.body)
-        with self.serialized:
-            return operation(data, principal.tenant)
+        request = parse(model, parse_json(headers, call.body))
+        tenant = principal.tenant
+        return lambda: operation(request, tenant)
 
     # ---------------------------------------------------------------------------------------------- mutations
-    def reserve(self, call: Call) -> BaseModel:
-        return self._post(call, "reservations:create", lambda b, t: self.ledger.reserve(b, tenant=t))
+    def reserve(self, call: Call) -> LedgerWork:
+        ledger = self.ledger
+        return self._post(
+            call, "reservations:create", ReservationCreateRequest, lambda r, t: ledger.reserve(r, tenant=t)
+        )
 
-    def commit(self, call: Call) -> BaseModel:
-        rid = call.reservation_id
-        return self._post(call, "reservations:commit", lambda b, t: self.ledger.commit(rid, b, tenant=t))
+    def commit(self, call: Call) -> LedgerWork:
+        ledger, rid = self.ledger, call.reservation_id
+        return self._post(call, "reservations:commit", CommitRequest, lambda r, t: ledger.commit(rid, r, tenant=t))
 
-    def release(self, call: Call) -> BaseModel:
-        rid = call.reservation_id
-        return self._post(call, "reservations:release", lambda b, t: self.ledger.release(rid, b, tenant=t), admin=True)
+    def release(self, call: Call) -> LedgerWork:
+        ledger, rid = self.ledger, call.reservation_id
+        release = lambda r, t: ledger.release(rid, r, tenant=t)  # noqa: E731
+        return self._post(call, "reservations:release", ReleaseRequest, release, admin=True)
 
-    def extend(self, call: Call) -> BaseModel:
-        rid = call.reservation_id
-        return self._post(call, "reservations:extend", lambda b, t: self.ledger.extend(rid, b, tenant=t))
+    def extend(self, call: Call) -> LedgerWork:
+        ledger, rid = self.ledger, call.reservation_id
+        return self._post(
+            call, "reservations:extend", ReservationExtendRequest, lambda r, t: ledger.extend(rid, r, tenant=t)
+        )
 
-    def decide(self, call: Call) -> BaseModel:
-        return self._post(call, "reservations:create", lambda b, t: self.ledger.decide(b, tenant=t))
+    def decide(self, call: Call) -> LedgerWork:
+        ledger = self.ledger
+        return self._post(call, "reservations:create", DecisionRequest, lambda r, t: ledger.decide(r, tenant=t))
 
-    def event(self, call: Call) -> BaseModel:
-        return self._post(call, "reservations:create", lambda b, t: self.ledger.event(b, tenant=t))
+    def event(self, call: Call) -> LedgerWork:
+        ledger = self.ledger
+        return self._post(call, "reservations:create", EventCreateRequest, lambda r, t: ledger.event(r, tenant=t))
 
     # -------------------------------------------------------------------------------------------------- reads
-    def get_reservation(self, call: Call) -> BaseModel:
+    # reads take the write lock too: they sweep expired holds first, which writes
+    def get_reservation(self, call: Call) -> LedgerWork:
         principal = call.seen(self.auth.either(call.headers, "reservations:list"))
-        with self.serialized:  # reads sweep expired holds first: they write too
-            return self.ledger.get_reservation(call.reservation_id, tenant=principal.tenant)
+        return lambda: self.ledger.get_reservation(call.reservation_id, tenant=principal.tenant)
 
-    def list_reservations(self, call: Call) -> BaseModel:
+    def list_reservations(self, call: Call) -> LedgerWork:
         query = query_dict(call.query_string)
         principal = call.seen(self.auth.either(call.headers, "reservations:list"))
         check_timestamps(query, *_WINDOWS)
         if principal.is_admin and not query.get("tenant"):
             raise InvalidRequest("tenant query parameter is required when using admin key authentication")
-        with self.serialized:
-            return self.ledger.list_reservations(query, tenant=principal.tenant)
+        return lambda: self.ledger.list_reservations(query, tenant=principal.tenant)
 
-    def balances(self, call: Call) -> BaseModel:
+    def balances(self, call: Call) -> LedgerWork:
         """Runtime shape (subject levels) -> Balance items; admin shape (tenant_id / scope_prefix / unit, no subject
         level) -> the admin plane's BudgetLedger items, as the governance spec declares for this path."""
         query = query_dict(call.query_string)
@@ -93,10 +116,10 @@ class RuntimeAPI:
             query.get(name) for name in ("tenant_id", "scope_prefix", "unit")
         )
         if not admin_shape:
-            with self.serialized:
-                return self.ledger.balances(query, tenant=principal.tenant)
+            return lambda: self.ledger.balances(query, tenant=principal.tenant)
         limit = query_int(query, "limit", 50)
-        with self.serialized:
+
+        def admin_balances() -> BaseModel:
             page = self.ledger.admin.list_budgets(
                 tenant=principal.tenant,
                 tenant_id=query.get("tenant_id") or None,
@@ -105,7 +128,9 @@ class RuntimeAPI:
                 cursor=query.get("cursor") or None,
                 limit=limit,
             )
-        return _BalanceList(balances=page.ledgers, next_cursor=page.next_cursor, has_more=page.has_more)
+            return _BalanceList(balances=page.ledgers, next_cursor=page.next_cursor, has_more=page.has_more)
+
+        return admin_balances
 
     def endpoints(self) -> list[Endpoint]:
         """Served by dispatch.RuntimeDispatcher."""

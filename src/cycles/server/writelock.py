@@ -1,19 +1,26 @@
 """One worker process at a time does ledger work on a SQLite file: an exclusive `flock` on `<db>.write.lock`, taken
-by the runtime calls and kept until the event loop's next turn.
+once per batch of runtime calls.
 
 SQLite serialises writers itself, but a writer that finds the file locked sleeps in its busy handler (1, 2, 5, 10,
 ... ms) and rechecks, while the holder needs a fraction of a millisecond: under load the workers' event loops spent
-their time asleep, and p99 grew to hundreds of milliseconds. A blocked `flock` wakes the moment the holder lets go.
+their time asleep, and p99 grew to hundreds of milliseconds. A `flock` waiter wakes the moment the holder lets go.
 
-Why until the next turn, not just around each call: a worker's store forgets what it remembers (records, SQLite's
-page cache) whenever another process wrote to the file since its last transaction, and such a cold transaction costs
-about 80 µs more. Handed back and forth around every call, the lock made about one transaction in four cold at 32
-clients; kept for the rest of an event loop iteration, it changes hands once per batch of requests (those that
-arrived together), and under one in ten is cold, with fewer flock calls. Nothing waits on it longer than one
-iteration of the holder's loop, whose runtime handlers run inline and never await.
+How the lock is used, and why:
+- A runtime handler only prepares its call (authenticate, parse) and hands the ledger work to `await lock.run(work)`.
+  The work of every call handed over in the same event loop iteration runs together, in one batch, with the lock
+  held for just that batch. HTTP parsing, JSON and the responses happen outside it, so both workers do that part at
+  the same time; only the ledger work takes turns.
+- A batch is one SQLite transaction (`Store.batch`: a savepoint per call, so each call is still all or nothing):
+  the file's changes are written once per batch, not once per call, and no answer leaves before the batch is
+  committed.
+- The lock changes hands once per batch, not once per call: a worker's store forgets what it remembers (records,
+  SQLite's page cache) whenever another process wrote since its last transaction, and such a cold transaction costs
+  about 80 µs more.
+- A worker that finds the lock taken waits for it on a thread of its own, never on its event loop: a worker blocked
+  in `flock` could not even read or answer requests, so the two workers used to take turns at everything.
 
-Only the runtime calls, made inline on the event loop, take it; admin calls and the sweep (worker threads, rare) still
-rely on the busy timeout. In-memory stores and platforms without fcntl need no lock.
+Only the runtime calls take it; admin calls and the sweep (worker threads, rare) rely on SQLite's busy timeout.
+In-memory stores and platforms without fcntl need no lock: `run` then does the work at once, in its own transaction.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from types import TracebackType
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
 from ..ledger import Ledger
 
@@ -32,6 +42,8 @@ except ImportError:  # pragma: no cover - not on Windows
 
 log = logging.getLogger("cycles.server")
 
+T = TypeVar("T")
+
 
 def lock_file_for(ledger: Ledger, purpose: str) -> str | None:
     """`<db>.<purpose>.lock` beside a SQLite file; None for an in-memory store or without fcntl (no lock needed)."""
@@ -41,47 +53,88 @@ def lock_file_for(ledger: Ledger, purpose: str) -> str | None:
     return f"{path}.{purpose}.lock"
 
 
-def write_lock_path_for(ledger: Ledger) -> str | None:
-    return lock_file_for(ledger, "write")
-
-
 class WriteLock:
-    """`with lock:` holds the file lock (a no-op without a path): on an event loop until its next iteration, elsewhere
-    until the block ends. For one thread: the event loop's. Opened lazily in the process that uses it: a lock file
-    descriptor inherited across fork would be one lock shared by both processes."""
+    """`await lock.run(work)`: `work()` called under the lock, in a batch with the other work handed over in the same
+    event loop iteration, inside `together()` (the store's `batch`); its result (or exception) returned. For one
+    event loop. Opened lazily in the process that uses it: a lock file descriptor inherited across fork would be one
+    lock shared by both processes."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, together: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         self.path = path
+        self.together = together
         self._fd: int | None = None
         self._pid = 0
-        self._held = False  # until release(), scheduled on the loop that took it
-        self._release_on_exit = False  # taken outside an event loop
+        self._batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._waiter: ThreadPoolExecutor | None = None  # the thread that waits in flock while another worker holds it
 
     def _open(self) -> int | None:
         if self._pid != os.getpid():
-            self._pid, self._fd, self._held = os.getpid(), None, False
+            self._pid, self._fd, self._batch, self._waiter = os.getpid(), None, [], None
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # type: ignore[arg-type]
             except OSError as exc:
                 log.warning("cannot open write lock %s (%s): relying on the store's busy timeout", self.path, exc)
         return self._fd
 
-    def __enter__(self) -> None:
-        if self.path is None or (self._held and self._pid == os.getpid()) or (fd := self._open()) is None:
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._held = True
+    async def run(self, work: Callable[[], T]) -> T:
+        if self.path is None or self._open() is None:
+            return work()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._batch.append((work, done))
+        if len(self._batch) == 1:  # the first of this batch: run it once the loop has gathered the rest
+            loop.call_soon(self._take, loop)
+        return await done
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            asyncio.get_running_loop().call_soon(self.release)
-        except RuntimeError:  # no event loop in this thread
-            self._release_on_exit = True
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # type: ignore[arg-type]
+        except BlockingIOError:  # another worker's batch: wait on the thread; calls arriving meanwhile join this one
+            if self._waiter is None:
+                self._waiter = ThreadPoolExecutor(1, thread_name_prefix="cycles-write-lock")
+            waited = loop.run_in_executor(self._waiter, fcntl.flock, self._fd, fcntl.LOCK_EX)
+            waited.add_done_callback(self._taken)
+            return
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._run_batch()
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._release_on_exit:
-            self._release_on_exit = False
-            self.release()
+    def _taken(self, waited: asyncio.Future[None]) -> None:
+        if waited.cancelled() or waited.exception() is not None:
+            self._fail(asyncio.CancelledError() if waited.cancelled() else waited.exception())  # type: ignore[arg-type]
+        else:
+            self._run_batch()
 
-    def release(self) -> None:
-        if self._held and self._fd is not None and self._pid == os.getpid():
-            self._held = False
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []  # (caller, succeeded, result or exception)
+        try:
+            try:
+                with self.together():
+                    for work, done in batch:
+                        if done.cancelled():  # nobody waits for it any more: not done at all
+                            continue
+                        try:
+                            outcomes.append((done, True, work()))
+                        except Exception as exc:
+                            outcomes.append((done, False, exc))
+            except Exception as exc:  # the batch did not commit: none of it happened
+                outcomes = [(done, False, exc) for done, _, _ in outcomes]
+            for done, succeeded, outcome in outcomes:  # answered only once the batch is committed
+                if not done.done():
+                    done.set_result(outcome) if succeeded else done.set_exception(outcome)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+            for _, done in batch:  # only if something escaped above
+                if not done.done():
+                    done.cancel()
+
+    def _fail(self, exc: BaseException) -> None:
+        batch, self._batch = self._batch, []
+        for _, done in batch:
+            if not done.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    done.cancel()
+                else:
+                    done.set_exception(exc)
