@@ -1,6 +1,10 @@
 """LangChain handler overhead: a `prompt | fake chat model | parser` chain invoked with and without
 `CyclesCallbackHandler` on the embedded store (:memory:), side by side in one process. Prints the ratio and the
 microseconds the handler adds per call (p50; target: at most 200), also under ainvoke and inside a run budget.
+
+It also measures the floor under any per-call reservation here, in the same rounds: what LangChain itself adds for a
+handler that does nothing (its callback dispatch, the same handler flags), and what the SQLite statements of one
+reserve and one commit cost with no Python logic around them (benchmarks/ledger.py's bare pair, :memory:).
 Run: python benchmarks/langchain.py."""
 
 from __future__ import annotations
@@ -14,15 +18,18 @@ import asyncio
 import os
 import statistics
 import time
+from collections import defaultdict
 from typing import Any
 
 from _report import percentiles, record
 from cycles_langchain import CyclesCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
+from ledger import Bare
 from pydantic import Field
 
 import cycles
@@ -42,6 +49,20 @@ class FakeModel(GenericFakeChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 
+class NoopHandler(BaseCallbackHandler):
+    """LangChain's own cost of a handler: CyclesCallbackHandler's flags and model events, doing nothing."""
+
+    raise_error = run_inline = True
+    ignore_chain = ignore_retriever = ignore_retry = ignore_custom_event = True
+    ignore_llm = ignore_chat_model = ignore_agent = False
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
+        pass
+
+
 class Samples:
     """Wall time and this thread's CPU time per call (CPU time does not count waiting for a core, so it stays
     meaningful on a loaded machine)."""
@@ -50,29 +71,29 @@ class Samples:
         self.wall: list[int] = []
         self.cpu: list[int] = []
 
-    def __iadd__(self, other: Samples) -> Samples:
-        self.wall += other.wall
-        self.cpu += other.cpu
-        return self
 
-
-def timed(fn: Any, calls: int) -> Samples:
-    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, Samples()
+def timed(cases: dict[str, Any], calls: int) -> dict[str, Samples]:
+    """Every case called in turn, call by call: the machine's speed drifts, and a drift then hits all cases alike."""
+    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, {name: Samples() for name in cases}
     for _ in range(calls):
-        t0, c0 = wall(), cpu()
-        fn()
-        out.cpu.append(cpu() - c0)
-        out.wall.append(wall() - t0)
+        for name, fn in cases.items():
+            t0, c0 = wall(), cpu()
+            fn()
+            c1, t1 = cpu(), wall()
+            out[name].cpu.append(c1 - c0)
+            out[name].wall.append(t1 - t0)
     return out
 
 
-async def atimed(fn: Any, calls: int) -> Samples:
-    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, Samples()
+async def atimed(cases: dict[str, Any], calls: int) -> dict[str, Samples]:
+    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, {name: Samples() for name in cases}
     for _ in range(calls):
-        t0, c0 = wall(), cpu()
-        await fn()
-        out.cpu.append(cpu() - c0)
-        out.wall.append(wall() - t0)
+        for name, fn in cases.items():
+            t0, c0 = wall(), cpu()
+            await fn()
+            c1, t1 = cpu(), wall()
+            out[name].cpu.append(c1 - c0)
+            out[name].wall.append(t1 - t0)
     return out
 
 
@@ -84,8 +105,8 @@ ROUNDS = 10
 
 
 def measure(calls: int) -> dict[str, tuple[float, float]]:
-    """Per case, the median over ROUNDS interleaved rounds of each round's p50 (wall, CPU): drift and load spikes
-    hit every case of a round alike."""
+    """Per case, the median over ROUNDS rounds of each round's p50 (wall, CPU); within a round the cases are called
+    in turn, call by call, so that drift and load spikes hit them alike."""
     client = cycles.Client(store="sqlite://:memory:", tenant="bench")
     for scope in ("tenant:bench", "tenant:bench/workspace:w", "tenant:bench/workspace:w/agent:a"):
         client.budgets.set(scope, cycles.usd(10**6))
@@ -96,7 +117,9 @@ def measure(calls: int) -> dict[str, tuple[float, float]]:
     bare_cfg: dict[str, Any] = {}
     guarded_cfg = {"callbacks": [handler]}
     per_round = max(1, calls // ROUNDS)
-    rounds: dict[str, list[tuple[float, float]]] = {k: [] for k in ("bare", "guarded", "run", "abare", "aguarded")}
+    rounds: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    noop_cfg = {"callbacks": [NoopHandler()]}
+    sql = Bare(":memory:")
 
     def bare() -> Any:
         return chain.invoke(x, bare_cfg)
@@ -104,30 +127,30 @@ def measure(calls: int) -> dict[str, tuple[float, float]]:
     def guarded() -> Any:
         return chain.invoke(x, guarded_cfg)
 
+    def noop() -> Any:
+        return chain.invoke(x, noop_cfg)
+
     async def abare() -> Any:
         return await chain.ainvoke(x, bare_cfg)
 
     async def aguarded() -> Any:
         return await chain.ainvoke(x, guarded_cfg)
 
-    async def async_round(warm_up: bool) -> None:
-        n = 100 if warm_up else per_round
-        samples = (await atimed(abare, n), await atimed(aguarded, n))
-        if not warm_up:
-            rounds["abare"].append(p50(samples[0]))
-            rounds["aguarded"].append(p50(samples[1]))
+    def keep(samples: dict[str, Samples], prefix: str = "") -> None:
+        for name, s in samples.items():
+            rounds[prefix + name].append(p50(s))
 
     for i in range(ROUNDS + 1):
         warm_up = i == 0  # the first round only warms up
         n = 200 if warm_up else per_round
-        b, g = timed(bare, n), timed(guarded, n)
+        together = timed({"bare": bare, "guarded": guarded, "noop": noop, "sql": lambda: sql.pairs(1)}, n)
         with cycles.run(limit=cycles.usd(10**5), client=client, workspace="w", agent="a"):
-            r = timed(guarded, n)
-        asyncio.run(async_round(warm_up))
+            in_run = timed({"bare": bare, "guarded": guarded}, n)
+        in_async = asyncio.run(atimed({"bare": abare, "guarded": aguarded}, n))
         if not warm_up:
-            rounds["bare"].append(p50(b))
-            rounds["guarded"].append(p50(g))
-            rounds["run"].append(p50(r))
+            keep(together)
+            keep(in_run, "run_")
+            keep(in_async, "async_")
     assert client.reservations(status="ACTIVE") == []
     client.close()
     return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in rounds.items()}
@@ -142,8 +165,8 @@ def main() -> None:
     ok = lambda value: "✓" if value <= TARGET_US else "✗"  # noqa: E731
     rows = [
         ("invoke, :memory: (reserve + commit)", "bare", "guarded"),
-        ("ainvoke, :memory: (reserve + commit)", "abare", "aguarded"),
-        ("invoke inside `cycles.run(limit=...)` (drawn in process)", "bare", "run"),
+        ("ainvoke, :memory: (reserve + commit)", "async_bare", "async_guarded"),
+        ("invoke inside `cycles.run(limit=...)` (drawn in process)", "run_bare", "run_guarded"),
     ]
     lines = [
         "| chain call, p50 | without handler µs | with handler µs | ratio | µs added per call | target "
@@ -155,11 +178,25 @@ def main() -> None:
         added = w1 - w0
         target = f"≤ {TARGET_US} {ok(added)}"
         lines.append(f"| {label} | {w0:.0f} | {w1:.0f} | {w1 / w0:.2f}x | {added:.0f} | {target} | {c1 - c0:.0f} |")
+    dispatch, sql = m["noop"][0] - m["bare"][0], m["sql"][0]
+    added = m["guarded"][0] - m["bare"][0]
+    lines += [
+        "",
+        "The floor under any per-call reservation, measured in the same rounds:",
+        "",
+        "| part of the invoke row's added time | µs |",
+        "|---|---|",
+        f"| LangChain's callback dispatch for a handler that does nothing | {dispatch:.0f} |",
+        f"| the SQLite statements of one reserve and one commit, no Python around them | {sql:.0f} |",
+        f"| floor: the two together | {dispatch + sql:.0f} |",
+        f"| cycles' own Python: pricing, guard, client, ledger rules (added minus floor) | {added - dispatch - sql:.0f} |",
+    ]
     lines += [
         "",
         "`prompt | fake chat model (reports usage_metadata) | StrOutputParser`, 3 budgeted levels, estimate priced "
         f"from the prompt (genai-prices, gpt-4o-mini), commit priced from usage. {args.calls:,} calls per case in "
-        f"{ROUNDS} interleaved rounds; per case the median of the rounds' p50, added = with minus without (wall "
+        f"{ROUNDS} rounds, the cases of a round called in turn, call by call; per case the median of the rounds' p50, "
+        "added = with minus without (wall "
         "clock; the CPU column is this thread's CPU time, which does not count waiting for a core). Load average "
         f"at the end: {os.getloadavg()[0]:.1f} (2 cores shared with other work: absolute figures move run to run).",
     ]
