@@ -50,6 +50,7 @@ from .models import (
     ReservationCreateRequest,
     StandardMetrics,
     Subject,
+    parse,
 )
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class Reservation:
         for name in ("ttl_ms", "grace_period_ms", "overage_policy", "metadata"):
             if (value := getattr(self, name)) is not None:
                 body[name] = value
-        request = ReservationCreateRequest.model_validate(body)
+        request = parse(ReservationCreateRequest, body)
         if validated is None and key is not None:
             if len(_subjects) >= MAX_SUBJECTS:
                 _subjects.clear()
@@ -481,7 +482,7 @@ class Reservation:
             self.commit_metadata = metadata
         if self.commit_metadata is not None:
             body["metadata"] = self.commit_metadata
-        request = CommitRequest.model_validate(body)
+        request = parse(CommitRequest, body)
         self.metrics = request.metrics
         return request
 
@@ -497,7 +498,7 @@ class Reservation:
             body["metrics"] = request.metrics
         if request.metadata is not None:
             body["metadata"] = request.metadata
-        return EventCreateRequest.model_validate(body)
+        return parse(EventCreateRequest, body)
 
     def _committed(self, charged: Amount) -> None:
         self.status, self.charged = "COMMITTED", charged
@@ -605,7 +606,7 @@ class Reservation:
         body: dict[str, Any] = {"idempotency_key": self.key + ":release"}
         if reason:
             body["reason"] = reason[:256]
-        return ReleaseRequest.model_validate(body)
+        return parse(ReleaseRequest, body)
 
     def release(self, reason: str | None = None) -> None:
         """Give the hold back (the call did not spend)."""
@@ -655,7 +656,10 @@ class Reservation:
 
         response = self.client.transport.extend(
             self.id,  # type: ignore[arg-type]
-            ReservationExtendRequest(idempotency_key=f"{self.key}:extend:{os.urandom(6).hex()}", extend_by_ms=by_ms),
+            parse(
+                ReservationExtendRequest,
+                {"idempotency_key": f"{self.key}:extend:{os.urandom(6).hex()}", "extend_by_ms": by_ms},
+            ),
         )
         self.expires_at_ms = response.expires_at_ms
         return self.expires_at_ms

@@ -7,10 +7,13 @@ working against a newer server. Money and counts are strict int64 integers: no f
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+
+from .errors import InvalidRequest
 
 INT64_MAX = 2**63 - 1
 LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
@@ -620,3 +623,21 @@ class PolicyListResponse(_Response):
     policies: list[Policy]
     next_cursor: str | None = None
     has_more: bool | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], value: M | Mapping[str, Any]) -> M:
+    """Accept a model or a plain mapping; malformed input becomes INVALID_REQUEST listing what is wrong."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.__pydantic_validator__.validate_python(value)  # model_validate without its wrapper
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        raise InvalidRequest(f"invalid {model.__name__}: {text}", details={"errors": problems}) from None

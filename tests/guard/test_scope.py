@@ -192,7 +192,7 @@ def test_repeated_subjects_stay_exact_and_bad_ones_are_still_refused(tree):
             pass
     assert [r.subject.agent for r in reversed(tree.reservations())] == ["a", "b", "a"]
     for _ in range(2):
-        with pytest.raises(ValueError, match="agent"):  # pydantic's ValidationError
+        with pytest.raises(cycles.InvalidRequest, match="subject.agent"):
             with tree.reserve(cycles.usd(0.01), workflow="wf", agent="not a scope value"):
                 pass
     assert_settled(
@@ -204,3 +204,22 @@ def test_repeated_subjects_stay_exact_and_bad_ones_are_still_refused(tree):
             "tenant:acme/workflow:wf/agent:b": CENT,
         },
     )
+
+
+def test_a_bad_subject_value_is_an_invalid_request_on_every_call(tree):
+    """Not pydantic's ValidationError: the library's own typed error, naming the field, and nothing held."""
+    bad = {"workflow": "wf", "agent": "not a scope value"}
+    calls = [
+        lambda: tree.reserve(cycles.usd(0.01), **bad).__enter__(),
+        lambda: tree.decide(cycles.usd(0.01), **bad),
+        lambda: tree.event(cycles.usd(0.01), **bad),
+        lambda: tree.reserve(cycles.usd(0.01), agent="x" * 129).__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(cycles.InvalidRequest) as refused:
+            call()
+        assert refused.value.details["errors"][0]["field"] == "subject.agent"
+    with pytest.raises(cycles.InvalidRequest):
+        with cycles.run(limit=cycles.usd(1), client=tree, **bad):
+            pass
+    assert tree.reservations() == []

@@ -35,6 +35,7 @@ from ..models import (
     Policy,
     ReservationDetail,
     Tenant,
+    parse,
 )
 from ..scopes import LEVELS, format_scope, parse_scope
 from .base import Transport
@@ -195,12 +196,13 @@ class Client:
     def _decision_request(
         self, estimate: Amount, action: ActionArg, scope: str | None, subject: Any
     ) -> DecisionRequest:
-        return DecisionRequest(
-            idempotency_key=os.urandom(16).hex(),
-            subject=self.subject(subject_fields(scope, **subject)),  # type: ignore[arg-type]
-            action=as_action(action),
-            estimate=_amount(estimate),
-        )
+        body = {
+            "idempotency_key": os.urandom(16).hex(),
+            "subject": self.subject(subject_fields(scope, **subject)),
+            "action": as_action(action),
+            "estimate": _amount(estimate),
+        }
+        return parse(DecisionRequest, body)
 
     def decide(
         self, estimate: Amount, *, action: ActionArg = None, scope: str | None = None, **subject: Any
@@ -224,7 +226,7 @@ class Client:
         }
         if policy:
             body["overage_policy"] = policy
-        return EventCreateRequest.model_validate(body)
+        return parse(EventCreateRequest, body)
 
     def event(
         self,

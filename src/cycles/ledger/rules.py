@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import to_json
 
 from ..amounts import format_amount
@@ -81,6 +81,7 @@ from ..models import (
     ReservationExtendResponse,
     ReservationListResponse,
     ReservationQuery,
+    parse,
 )
 from ..scopes import LEVELS, affected_scopes, format_scope
 from .store import (
@@ -113,21 +114,6 @@ _DENIALS: dict[str, type[BudgetDenied]] = {
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-
-
-def parse(model: type[M], value: M | Mapping[str, Any]) -> M:
-    """Accept a model or a plain mapping; malformed input becomes INVALID_REQUEST listing what is wrong."""
-    if isinstance(value, model):
-        return value
-    try:
-        return model.__pydantic_validator__.validate_python(value)  # model_validate without its wrapper
-    except ValidationError as exc:
-        problems = [
-            {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
-            for err in exc.errors(include_url=False, include_input=False, include_context=False)
-        ]
-        text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-        raise InvalidRequest(f"invalid {model.__name__}: {text}", details={"errors": problems}) from None
 
 
 def canonical_json(value: Any) -> str:

@@ -18,7 +18,6 @@ from starlette.routing import Route
 
 from ..errors import InvalidRequest
 from ..ledger import Ledger
-from ..ledger.rules import parse
 from ..models import (
     LEVELS,
     BudgetLedger,
@@ -28,6 +27,7 @@ from ..models import (
     ReleaseRequest,
     ReservationCreateRequest,
     ReservationExtendRequest,
+    parse,
 )
 from .auth import Authenticator
 from .dispatch import Call, Endpoint

@@ -29,7 +29,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..client.http import HttpAdmin, HttpTransport
 from ..errors import InvalidRequest, NotFound
 from ..ledger import Ledger
-from ..ledger.rules import parse
 from ..ledger.store import TenantRecord
 from ..models import (
     PERMISSIONS,
@@ -46,6 +45,7 @@ from ..models import (
     ReservationExtendResponse,
     ReservationListResponse,
     Tenant,
+    parse,
 )
 from .app import create_app
 from .protocol import H11NoDelayProtocol
