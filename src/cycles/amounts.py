@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 
-from .models import Amount, Unit
+from .models import Amount, Unit, parse
 
 __all__ = ["MICROCENTS_PER_USD", "usd", "tokens", "credits", "risk_points", "format_amount", "parse_amount"]
 
@@ -14,19 +14,24 @@ MICROCENTS_PER_USD = 100_000_000
 def usd(dollars: float | int | str | Decimal) -> Amount:
     """`usd(0.25)` -> 25,000,000 USD_MICROCENTS. Decimal-exact for what you write; sub-microcent rounds half up."""
     value = Decimal(str(dollars)) * MICROCENTS_PER_USD
-    return Amount(unit=Unit.USD_MICROCENTS, amount=int(value.to_integral_value(rounding=ROUND_HALF_UP)))
+    return _amount(Unit.USD_MICROCENTS, int(value.to_integral_value(rounding=ROUND_HALF_UP)))
+
+
+def _amount(unit: Unit, amount: int) -> Amount:
+    """A negative or out-of-range amount is `cycles.InvalidRequest`, as everywhere else."""
+    return parse(Amount, {"unit": unit, "amount": amount})
 
 
 def tokens(count: int) -> Amount:
-    return Amount(unit=Unit.TOKENS, amount=count)
+    return _amount(Unit.TOKENS, count)
 
 
 def credits(count: int) -> Amount:
-    return Amount(unit=Unit.CREDITS, amount=count)
+    return _amount(Unit.CREDITS, count)
 
 
 def risk_points(count: int) -> Amount:
-    return Amount(unit=Unit.RISK_POINTS, amount=count)
+    return _amount(Unit.RISK_POINTS, count)
 
 
 def format_amount(unit: str | Unit, amount: int) -> str:
@@ -78,4 +83,4 @@ def parse_amount(text: str) -> Amount:
         return usd(value)
     if value != value.to_integral_value():
         raise ValueError(f"amount {text!r} must be a whole number of {unit.value}")
-    return Amount(unit=unit, amount=int(value))
+    return _amount(unit, int(value))

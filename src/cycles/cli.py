@@ -181,8 +181,9 @@ def parse_amount_arg(text: str) -> Amount:
     """`10usd`, `$2.50`, `5000tokens`, `10credits` -> Amount; a one-line ValueError otherwise."""
     try:
         return cycles.parse_amount(text)
-    except ValidationError as exc:  # e.g. beyond the int64 range
-        raise ValueError(f"cannot read amount {text!r}: {_validation_text(exc)}") from None
+    except cycles.InvalidRequest as exc:  # e.g. beyond the int64 range
+        problems = "; ".join(e["problem"] for e in (exc.details or {}).get("errors", [])) or str(exc)
+        raise ValueError(f"cannot read amount {text!r}: {problems}") from None
 
 
 def parse_unit_arg(text: str) -> str:

@@ -109,7 +109,7 @@ def as_amount(value: Any, what: str) -> Amount:
     if isinstance(value, Amount):
         return value
     if isinstance(value, dict):
-        return Amount.model_validate(value)
+        return parse(Amount, value)
     raise TypeError(
         f"{what} must be an Amount such as cycles.usd(0.05) or cycles.tokens(4000), not {type(value).__name__}"
     )

@@ -206,7 +206,7 @@ def test_repeated_subjects_stay_exact_and_bad_ones_are_still_refused(tree):
     )
 
 
-def test_a_bad_subject_value_is_an_invalid_request_on_every_call(tree):
+def test_a_bad_subject_or_amount_is_an_invalid_request_on_every_call(tree):
     """Not pydantic's ValidationError: the library's own typed error, naming the field, and nothing held."""
     bad = {"workflow": "wf", "agent": "not a scope value"}
     calls = [
@@ -222,4 +222,12 @@ def test_a_bad_subject_value_is_an_invalid_request_on_every_call(tree):
     with pytest.raises(cycles.InvalidRequest):
         with cycles.run(limit=cycles.usd(1), client=tree, **bad):
             pass
+    for amount in (
+        lambda: cycles.usd(-1),
+        lambda: cycles.tokens(2**63),
+        lambda: tree.reserve({"unit": "TOKENS", "amount": -5}).__enter__(),
+    ):
+        with pytest.raises(cycles.InvalidRequest) as refused:
+            amount()
+        assert refused.value.details["errors"][0]["field"] == "amount"
     assert tree.reservations() == []

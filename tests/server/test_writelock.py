@@ -162,3 +162,21 @@ def test_a_batch_that_does_not_commit_answers_every_call_with_the_error(path: Pa
     results = asyncio.run(main())
     assert [type(r) for r in results] == [OSError, OSError]  # none of the batch happened, whatever each call did
     assert free(path)
+
+
+def test_a_batch_that_cannot_begin_answers_every_call_with_the_error(path: Path) -> None:
+    @contextmanager
+    def busy() -> Iterator[None]:
+        raise OSError("store busy")
+        yield  # pragma: no cover
+
+    lock = WriteLock(str(path), busy)
+    ran: list[str] = []
+
+    async def main() -> list[object]:
+        return await asyncio.gather(lock.run(lambda: ran.append("a")), lock.run(lambda: ran.append("b")),
+                                    return_exceptions=True)  # fmt: skip
+
+    results = asyncio.run(main())
+    assert [type(r) for r in results] == [OSError, OSError] and ran == []
+    assert free(path)

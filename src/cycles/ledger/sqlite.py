@@ -676,8 +676,10 @@ class _Atomic:
             if store._batching:
                 if exc_type is not None:
                     store._known.forget()  # records may hold changes that are being rolled back
-                    db.execute("ROLLBACK TO operation")
-                db.execute("RELEASE operation")
+                    if db.in_transaction:  # else SQLite rolled back the whole batch itself: its commit will fail
+                        db.execute("ROLLBACK TO operation")
+                if db.in_transaction:
+                    db.execute("RELEASE operation")
                 return
             _end(store, db, exc_type is None)
         finally:
@@ -740,13 +742,15 @@ def _end(store: SQLiteStore, db: sqlite3.Connection, commit: bool) -> None:
     """Commit (or roll back) the transaction begun by _begin."""
     if not commit:
         store._known.forget()  # records may hold changes that are being rolled back
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         return
     try:
         db.execute("COMMIT")
     except sqlite3.OperationalError as error:
         store._known.forget()
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise store._busy(error) from error
 
 

@@ -108,7 +108,8 @@ class WriteLock:
 
     def _run_batch(self) -> None:
         batch, self._batch = self._batch, []
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []  # (caller, succeeded, result or exception)
+        outcomes: dict[asyncio.Future[Any], tuple[bool, Any]] = {}  # caller -> (succeeded, result or exception)
+        failure: Exception | None = None
         try:
             try:
                 with self.together():
@@ -116,25 +117,36 @@ class WriteLock:
                         if done.cancelled():  # nobody waits for it any more: not done at all
                             continue
                         try:
-                            outcomes.append((done, True, work()))
+                            outcomes[done] = (True, work())
                         except Exception as exc:
-                            outcomes.append((done, False, exc))
-            except Exception as exc:  # the batch did not commit: none of it happened
-                outcomes = [(done, False, exc) for done, _, _ in outcomes]
-            for done, succeeded, outcome in outcomes:  # answered only once the batch is committed
-                if not done.done():
-                    done.set_result(outcome) if succeeded else done.set_exception(outcome)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
-            for _, done in batch:  # only if something escaped above
-                if not done.done():
-                    done.cancel()
+                            outcomes[done] = (False, exc)
+            except Exception as exc:  # the batch did not begin, or did not commit: none of it happened
+                failure = exc
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+        except BaseException:
+            self._answer(batch, {}, asyncio.CancelledError())
+            raise
+        self._answer(batch, outcomes, failure)  # only now that the batch is committed
+
+    @staticmethod
+    def _answer(
+        batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+        outcomes: dict[asyncio.Future[Any], tuple[bool, Any]],
+        failure: BaseException | None,
+    ) -> None:
+        for _, done in batch:
+            if done.done():
+                continue
+            # the batch's failure wins over each call's own outcome: none of the batch happened
+            succeeded, outcome = (False, failure) if failure is not None else outcomes.get(done, (False, None))
+            if succeeded:
+                done.set_result(outcome)
+            elif outcome is None or isinstance(outcome, asyncio.CancelledError):
+                done.cancel()
+            else:
+                done.set_exception(outcome)
 
     def _fail(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, []
-        for _, done in batch:
-            if not done.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    done.cancel()
-                else:
-                    done.set_exception(exc)
+        self._answer(batch, {}, exc)
