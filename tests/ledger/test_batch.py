@@ -5,46 +5,13 @@ fails leaves nothing at all. Two stores on one file stand for two processes."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cycles.errors import BudgetExceeded, IdempotencyMismatch
+from cycles.errors import BudgetExceeded, IdempotencyMismatch, StoreBusy
 from cycles.ledger import Ledger, SQLiteStore
 
-USD = "USD_MICROCENTS"
-AGENT = {"tenant": "acme", "workspace": "w", "agent": "a"}
-SCOPES = ["tenant:acme", "tenant:acme/workspace:w", "tenant:acme/workspace:w/agent:a"]
-
-
-def reserve(ledger: Ledger, key: str, estimate: int) -> Any:
-    return ledger.reserve(
-        {
-            "idempotency_key": key,
-            "subject": AGENT,
-            "action": {"kind": "llm.completion", "name": "gpt-4o"},
-            "estimate": {"unit": USD, "amount": estimate},
-        }
-    )
-
-
-def reserved(ledger: Ledger) -> dict[str, int]:
-    rows = ledger.balances({"tenant": "acme", "include_children": True}).balances
-    return {b.scope: b.reserved.amount for b in rows}
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Ledger, Ledger]]:
-    """Two ledgers on one file: `first` runs batches, `second` looks on from its own connection."""
-    path = tmp_path / "ledger.db"
-    first, second = Ledger(SQLiteStore(path)), Ledger(SQLiteStore(path, busy_timeout=0.05))
-    for scope in SCOPES:
-        first.admin.create_budget({"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 1_000}})
-    yield first, second
-    first.store.close()
-    second.store.close()
+from ._two_stores import SCOPES, USD, reserve, reserved
 
 
 def test_a_failed_operation_in_a_batch_undoes_only_itself(pair: tuple[Ledger, Ledger]) -> None:
@@ -95,12 +62,12 @@ def test_a_batch_that_fails_leaves_nothing(pair: tuple[Ledger, Ledger]) -> None:
 
 
 def test_a_batch_holds_the_write_lock_and_does_not_nest(pair: tuple[Ledger, Ledger]) -> None:
-    from cycles.errors import StoreBusy
-
     first, second = pair
+    impatient = Ledger(SQLiteStore(first.store.path, busy_timeout=0.05))
     with first.store.batch():
         with pytest.raises(StoreBusy):
-            reserve(second, "b", 1)  # the other connection cannot write meanwhile (busy timeout 50 ms)
+            reserve(impatient, "b", 1)  # another connection cannot write meanwhile
+        impatient.store.close()
         with pytest.raises(RuntimeError, match="nest"), first.store.batch():
             pass
         reserve(first, "a", 100)  # the batch is still usable

@@ -4,46 +4,14 @@ read again. Two stores on one file stand for two processes (each has its own con
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cycles.errors import BudgetExceeded, BudgetFrozen, ReservationFinalized, TenantClosed
 from cycles.ledger import Ledger, SQLiteStore
 
-USD = "USD_MICROCENTS"
-AGENT = {"tenant": "acme", "workspace": "w", "agent": "a"}
-SCOPES = ["tenant:acme", "tenant:acme/workspace:w", "tenant:acme/workspace:w/agent:a"]
-
-
-def reserve(ledger: Ledger, key: str, estimate: int = 100) -> Any:
-    return ledger.reserve(
-        {
-            "idempotency_key": key,
-            "subject": AGENT,
-            "action": {"kind": "llm.completion", "name": "gpt-4o"},
-            "estimate": {"unit": USD, "amount": estimate},
-        }
-    )
-
-
-def reserved(ledger: Ledger) -> dict[str, int]:
-    rows = ledger.balances({"tenant": "acme", "include_children": True}).balances
-    return {b.scope: b.reserved.amount for b in rows}
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Ledger, Ledger]]:
-    """Two ledgers on one SQLite file, each with its own connection; budgets of 1,000 at three levels."""
-    path = tmp_path / "ledger.db"
-    first, second = Ledger(SQLiteStore(path)), Ledger(SQLiteStore(path))
-    for scope in SCOPES:
-        first.admin.create_budget({"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 1_000}})
-    yield first, second
-    first.store.close()
-    second.store.close()
+from ._two_stores import SCOPES, USD, reserve, reserved
 
 
 def test_another_connections_spend_is_seen(pair: tuple[Ledger, Ledger]) -> None:
