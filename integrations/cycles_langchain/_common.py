@@ -1,73 +1,19 @@
-"""What the handler, the tool guard and the model guard share: the subject of a call (handler arguments, the run's
-config metadata), the model and max output tokens LangChain reports for a call, and usage read off its result."""
+"""What LangChain's events say about a call: the model and max output tokens it reports, usage and text read off
+its result, and the tool run a `guard_tool` already holds. Budget logic is in the core (`cycles.calls`)."""
 
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from cycles.context import merge, subject_fields
-from cycles.errors import ToolNotAllowed
-from cycles.models import Amount, Caps
-from cycles.pricing import Pricing, TokenUsage, UnknownModelPrice, normalize_usage, prompt_text
-from cycles.scopes import LEVELS, parse_scope
+from cycles.calls import max_tokens_from
+from cycles.pricing import TokenUsage, normalize_usage
 
 log = logging.getLogger("cycles.langchain")
 
-META_PREFIX = "cycles_"
-META_SCOPE = "cycles_scope"  # "workspace:prod/agent:bot"
-META_DIMENSIONS = "cycles_dimensions"  # {"customer": "c-42"}
-META_LEVELS = {META_PREFIX + level: level for level in LEVELS}  # cycles_tenant ... cycles_toolset
-META_KEYS = frozenset((META_SCOPE, META_DIMENSIONS, *META_LEVELS))
-
 MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
-MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_new_tokens", "num_predict")
-
-_UNSAFE_SCOPE_CHARS = re.compile(r"[^a-zA-Z0-9_.-]")
-
-
-# ------------------------------------------------------------------------------------------------ subjects
-
-
-def handler_subject(scope: str | None, subject: dict[str, Any]) -> dict[str, Any]:
-    """Validate subject keyword arguments once (unknown levels raise TypeError, bad scope strings InvalidRequest)."""
-    return subject_fields(scope, **subject)
-
-
-def metadata_subject(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Subject fields from a run's config metadata: `cycles_scope`, `cycles_<level>`, `cycles_dimensions`."""
-    if not metadata:
-        return {}
-    out: dict[str, Any] = {}
-    scope = metadata.get(META_SCOPE)
-    if scope:
-        out.update(parse_scope(scope))
-    for key, level in META_LEVELS.items():
-        value = metadata.get(key)
-        if value:
-            out[level] = value
-    dimensions = metadata.get(META_DIMENSIONS)
-    if dimensions:
-        out["dimensions"] = {str(k): str(v) for k, v in dimensions.items()}
-    return out
-
-
-def call_subject(base: dict[str, Any], metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The guard's explicit subject for one call: the handler's arguments, overridden by the run's metadata (the
-    client then puts its defaults and the ambient `cycles.scope` underneath)."""
-    if not metadata or META_KEYS.isdisjoint(metadata):  # the usual case: only LangChain's own metadata
-        return base
-    return merge(base, metadata_subject(metadata))
-
-
-def scope_value(name: str) -> str:
-    """A tool name as a scope value (letters, digits, '_', '.', '-'; at most 128 characters)."""
-    return _UNSAFE_SCOPE_CHARS.sub("_", name)[:128] or "tool"
-
 
 # --------------------------------------------------------------------------------------------- model calls
 
@@ -92,72 +38,7 @@ def model_name(metadata: Mapping[str, Any] | None, params: Mapping[str, Any] | N
 
 def max_output_tokens(params: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> int | None:
     """The request's output limit: invocation parameters first (they include per-call and bound kwargs)."""
-    for source, keys in ((params, MAX_TOKENS_KEYS), (metadata, ("ls_max_tokens",))):
-        if not source or source.keys().isdisjoint(keys):
-            continue
-        for key in keys:
-            value = source.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
-# The JSON of the last tool schemas estimated, by identity: a bound model passes the same list on every call, and
-# encoding it costs tens of microseconds a call.
-_last_tools: tuple[Any, str] = (None, "")
-
-
-def tools_text(tools: Any) -> str:
-    """The tool schemas a request sends, as JSON text (to count their tokens)."""
-    global _last_tools
-    last, text = _last_tools
-    if last is not tools:
-        text = json.dumps(tools, default=str)
-        _last_tools = (tools, text)
-    return text
-
-
-def estimate_call(
-    pricing: Pricing,
-    estimate: Any,
-    unit: str,
-    model: str,
-    prompt: Any,
-    tools: Any,
-    max_out: int | None,
-) -> Amount:
-    """A model call's estimate: `estimate` as given (an Amount, or `estimate(model, prompt, max_output_tokens)`),
-    else its prompt (and bound tool schemas, sent with every request) plus its max output tokens, priced."""
-    if estimate is None:
-        text = prompt_text(prompt)
-        if tools:
-            text += "\n" + tools_text(tools)
-        tokens = pricing.count_tokens(text, model)
-        return pricing.estimate(model, prompt_tokens=tokens, max_output_tokens=max_out, unit=unit)
-    if callable(estimate):
-        return estimate(model, prompt, max_out)
-    return estimate
-
-
-def priced_actual(
-    pricing: Pricing, model: str, estimate: Amount, usage: TokenUsage, prompt: Any, text: str | Callable[[], str]
-) -> int:
-    """A finished call's cost in the estimate's unit, as an integer (commit and record take it as it is): from its
-    usage; with none reported, its prompt plus its output text (`text`, or a callable producing it), counted; in a
-    unit pricing cannot produce (or for a model without a price), the estimate."""
-    unit = estimate.unit
-    if unit not in ("USD_MICROCENTS", "TOKENS"):
-        return estimate.amount
-    try:
-        if usage:
-            return pricing.cost_amount(model, usage, unit)
-        output = text() if callable(text) else text
-        return pricing.estimate(
-            model, prompt=prompt, max_output_tokens=pricing.count_tokens(output, model), unit=unit
-        ).amount
-    except UnknownModelPrice as exc:
-        log.warning("cycles: %s; committing the estimate", exc)
-    return estimate.amount
+    return max_tokens_from(params) or max_tokens_from(metadata, ("ls_max_tokens",))
 
 
 def _first_usage(generations: Any) -> tuple[TokenUsage, str | None]:
@@ -216,7 +97,7 @@ def result_text(response: Any) -> str:
     return "".join(parts)
 
 
-# ------------------------------------------------------------------------------------------ caps and tools
+# --------------------------------------------------------------------------------------------- guarded tools
 
 
 # A guarded tool (guard_tool) marks the tool run it is about to start, so a CyclesCallbackHandler on the same run does
@@ -233,7 +114,3 @@ def consume_guarded(name: str) -> bool:
         mark[1] = True
         return True
     return False
-
-
-def tool_not_allowed(name: str, caps: Caps) -> ToolNotAllowed:
-    return ToolNotAllowed.for_tool(name, caps.tool_allowlist, caps.tool_denylist)

@@ -47,31 +47,17 @@ LangChain behaviours worth knowing (langchain-core 1.7):
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from cycles import Action, Amount, Caps, Client, Reservation, current_scope, default_client
+from cycles import Amount, Caps, Client, Reservation, default_client
+from cycles.calls import ModelCall, action, admit_tool, handler_subject, tool_call, with_tags
 from cycles.pricing import Pricing, default_pricing
 
-from ._common import (
-    cache_hit,
-    call_subject,
-    consume_guarded,
-    estimate_call,
-    handler_subject,
-    log,
-    max_output_tokens,
-    model_name,
-    priced_actual,
-    result_text,
-    result_usage,
-    scope_value,
-    tool_not_allowed,
-)
+from ._common import cache_hit, consume_guarded, log, max_output_tokens, model_name, result_text, result_usage
 
 __all__ = ["CyclesCallbackHandler"]
 
@@ -79,17 +65,6 @@ EstimateFn = Callable[[str, Any, "int | None"], Amount]
 ToolEstimate = Amount | Callable[[Any], Amount]
 
 MAX_OPEN_GROUPS = 256
-
-
-class _LLMCall:
-    __slots__ = ("reservation", "model", "prompt", "produced", "started")
-
-    def __init__(self, reservation: Reservation, model: str, prompt: Any) -> None:
-        self.reservation = reservation
-        self.model = model
-        self.prompt = prompt
-        self.produced = False
-        self.started = time.monotonic()
 
 
 class _Group:
@@ -146,10 +121,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self.default_tool_estimate = default_tool_estimate
         self.unit = unit
         self.subject = handler_subject(scope, subject)
-        self._llm: dict[UUID, _LLMCall] = {}
+        self._llm: dict[UUID, ModelCall] = {}
         self._tools: dict[UUID, Reservation] = {}
         self._groups: dict[int, _Group] = {}
-        self._actions: dict[tuple[str, str], Action] = {}
         self._lock = threading.Lock()
 
     # LangChain asks these before every event: skip chain, retriever, retry and custom events entirely (tool events
@@ -165,14 +139,6 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     @property
     def client(self) -> Client:
         return self._client or default_client()
-
-    def _action(self, kind: str, name: str) -> Action:
-        action = self._actions.get((kind, name))
-        if action is None:
-            if len(self._actions) > 1024:
-                self._actions.clear()
-            action = self._actions[(kind, name)] = Action(kind=kind, name=name[:256])
-        return action
 
     def caps_for(self, run_id: UUID) -> Caps | None:
         """The ALLOW_WITH_CAPS caps of an in-flight model call (pass `run_id` in the call's config to know it)."""
@@ -215,40 +181,33 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         batch_size = kwargs.get("batch_size") or 1
         group = self._join_group(params, batch_size) if batch_size > 1 else None
         try:
-            model = model_name(metadata, params)
-            max_out = max_output_tokens(params, metadata)
-            reservation = Reservation(
+            call = ModelCall(
                 self.client,
-                estimate_call(
-                    self.pricing,
-                    self.estimate,
-                    self.unit,
-                    model,
-                    prompt,
-                    params.get("tools") if params else None,
-                    max_out,
-                ),
-                action=self._action(self.llm_action_kind, model),
-                subject=call_subject(self.subject, metadata),
+                model_name(metadata, params),
+                prompt=prompt,
+                tools=params.get("tools") if params else None,
+                max_output_tokens=max_output_tokens(params, metadata),
+                estimate=self.estimate,
+                pricing=self.pricing,
+                unit=self.unit,
+                subject=with_tags(self.subject, metadata),
+                kind=self.llm_action_kind,
                 idempotency_key=f"langchain-{run_id}",
-            )
-            reservation.begin()
+            ).begin()
         except BaseException as exc:
             if group is not None:
                 self._fail_group(group, exc)
             raise
-        call = _LLMCall(reservation, model, prompt)
         self._llm[run_id] = call
         if group is not None:
             group.run_ids.append(run_id)
-        caps = reservation.caps
-        if caps is not None and caps.max_tokens is not None and (max_out is None or max_out > caps.max_tokens):
+        if call.capped:
             log.warning(
                 "cycles: the budget authority caps %s at max_tokens=%d but the request asks for %s; a callback cannot "
                 "change the request: use cycles_langchain.guard_model(model) to apply caps",
-                model,
-                caps.max_tokens,
-                max_out if max_out is not None else "the model default",
+                call.model,
+                call.max_output_tokens,
+                call.requested_max_tokens or "the model default",
             )
 
     def on_llm_new_token(self, token: Any, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
@@ -256,49 +215,25 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if call is not None:
             call.produced = True
 
-    def _actual(self, call: _LLMCall, usage: Any, response: Any) -> int:
-        estimate = call.reservation.estimate
-        assert estimate is not None
-        return priced_actual(self.pricing, call.model, estimate, usage, call.prompt, lambda: result_text(response))
-
-    def _metrics(self, call: _LLMCall, usage: Any, version: str | None) -> dict[str, Any] | None:
-        if call.reservation.status != "ACTIVE":  # drawn from an enclosing hold (or shadow): nothing carries them
-            return None
-        metrics: dict[str, Any] = {
-            "latency_ms": int((time.monotonic() - call.started) * 1000),
-            "model_version": (version or call.model)[:128],
-        }
-        if usage:
-            metrics["tokens_input"] = usage.input_tokens
-            metrics["tokens_output"] = usage.output_tokens
-        return metrics
+    @staticmethod
+    def _read(call: ModelCall, response: Any) -> None:
+        """What the result says was used: its usage and model version, else its text (counted when settling)."""
+        call.usage, call.model_version = result_usage(response)
+        if not call.usage and (text := result_text(response)):
+            call.output(text)
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         call = self._llm.pop(run_id, None)
         if call is None:
             return
-        usage, version = result_usage(response)
-        if cache_hit(response):  # answered from LangChain's cache: nothing was spent
-            call.reservation.commit(0, metrics=self._metrics(call, usage, version))
-            return
-        call.reservation.commit(self._actual(call, usage, response), metrics=self._metrics(call, usage, version))
+        self._read(call, response)
+        call.finish(actual=0 if cache_hit(response) else None)  # a cache hit spent nothing
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, response: Any = None, **kwargs: Any) -> None:
         call = self._llm.pop(run_id, None)
-        if call is None:
-            return
-        try:
-            usage, version = result_usage(response)
-            if usage:  # a stream cut short after the provider reported usage
-                call.reservation.commit(
-                    self._actual(call, usage, response), metrics=self._metrics(call, usage, version)
-                )
-            elif call.produced or result_text(response):  # tokens were produced: the provider may bill up to these
-                call.reservation.commit(metrics=self._metrics(call, usage, version))
-            else:
-                call.reservation.release(reason=f"call failed: {type(error).__name__}")
-        except Exception:  # never mask the call's own error
-            log.exception("cycles: could not settle %s after %s", call.reservation, type(error).__name__)
+        if call is not None:
+            self._read(call, response)  # a stream cut short: the usage reported, else the tokens produced
+            call.finish(error)
 
     # ---------------------------------------------------------------------------------- batch (legacy LLMs)
     def _join_group(self, params: Any, size: int) -> _Group | None:
@@ -356,21 +291,17 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         estimate = self._tool_estimate(name, inputs if inputs is not None else input_str)
         if estimate is None:
             return
-        subject = call_subject(self.subject, metadata)
-        if "toolset" not in subject and "toolset" not in current_scope():
-            subject = {**subject, "toolset": scope_value(name)}
         tool_call_id = kwargs.get("tool_call_id")
-        reservation = Reservation(
+        reservation = tool_call(
             self.client,
+            name,
             estimate,
-            action=self._action(self.tool_action_kind, name),
-            subject=subject,
+            subject=with_tags(self.subject, metadata),
+            call_action=action(self.tool_action_kind, name),
             idempotency_key=f"langchain-tool-{tool_call_id}" if tool_call_id else f"langchain-{run_id}",
         )
         reservation.begin()  # drawn from an enclosing hold, it carries that hold's caps
-        if not reservation.allows_tool(name):
-            reservation.release(reason="tool not allowed by caps")
-            raise tool_not_allowed(name, reservation.caps)  # type: ignore[arg-type]
+        admit_tool(reservation, name)
         self._tools[run_id] = reservation
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:

@@ -22,16 +22,9 @@ from typing import Any
 from langchain_core.messages.ai import add_usage
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
 
-from cycles import Action, Amount, Client, Reservation, default_client
-from cycles.pricing import Pricing, default_pricing, normalize_usage
-
-from ._common import (
-    MAX_TOKENS_KEYS,
-    call_subject,
-    estimate_call,
-    handler_subject,
-    priced_actual,
-)
+from cycles import Amount, Client, default_client
+from cycles.calls import MAX_TOKENS_KEYS, ModelCall, handler_subject, with_tags
+from cycles.pricing import Pricing, default_pricing
 
 __all__ = ["GuardedModel", "guard_model"]
 
@@ -105,124 +98,100 @@ class GuardedModel(Runnable[Any, Any]):
         prompt = input.to_messages() if hasattr(input, "to_messages") else input
         return str(name), prompt, max_out
 
-    def _reserve(self, input: Any, config: RunnableConfig, kwargs: dict[str, Any]) -> tuple[Reservation, str, Any]:
+    def _call(self, input: Any, config: RunnableConfig, kwargs: dict[str, Any]) -> ModelCall:
         model, prompt, max_out = self._describe(input, kwargs)
         _, bound = _unbind(self.model)
-        estimate = estimate_call(
-            self.pricing, self.estimate, self.unit, model, prompt, {**bound, **kwargs}.get("tools"), max_out
+        return ModelCall(
+            self.client,
+            model,
+            prompt=prompt,
+            tools={**bound, **kwargs}.get("tools"),
+            max_output_tokens=max_out,
+            estimate=self.estimate,
+            pricing=self.pricing,
+            unit=self.unit,
+            subject=with_tags(self.subject, config.get("metadata")),
         )
-        reservation = self.client.reserve(
-            estimate,
-            action=Action(kind="llm.completion", name=model[:256]),
-            **call_subject(self.subject, config.get("metadata")),
-        )
-        return reservation, model, (prompt, max_out)
 
-    def _capped(self, reservation: Reservation, max_out: int | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        caps = reservation.caps  # its own, or (drawn from an enclosing hold) that hold's
-        if caps is not None and caps.max_tokens is not None and (max_out is None or max_out > caps.max_tokens):
-            return {**kwargs, self.max_tokens_param: caps.max_tokens}
-        return kwargs
-
-    def _record(self, reservation: Reservation, model: str, prompt: Any, usage: Any, text: str) -> None:
-        assert reservation.estimate is not None
-        reservation.record(
-            priced_actual(self.pricing, model, reservation.estimate, normalize_usage(usage), prompt, text)
-        )
+    def _capped(self, call: ModelCall, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # the caps are its own, or (drawn from an enclosing hold) that hold's
+        return {**kwargs, self.max_tokens_param: call.max_output_tokens} if call.capped else kwargs
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         config = ensure_config(config)
-        reservation, model, (prompt, max_out) = self._reserve(input, config, kwargs)
-        reservation.begin()
-        kwargs = self._capped(reservation, max_out, kwargs)
+        call = self._call(input, config, kwargs).begin()
         try:
-            with reservation.entered():
-                output = self.model.invoke(input, config, **kwargs)
-            self._record(reservation, model, prompt, getattr(output, "usage_metadata", None), _text(output))
+            with call.reservation.entered():
+                output = self.model.invoke(input, config, **self._capped(call, kwargs))
         except BaseException as exc:
-            reservation.finish(exc)
+            call.finish(exc)
             raise
-        reservation.finish(None, output)
+        call.output(_text(output), getattr(output, "usage_metadata", None))
+        call.finish()
         return output
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         config = ensure_config(config)
-        reservation, model, (prompt, max_out) = self._reserve(input, config, kwargs)
-        await reservation.abegin()
-        kwargs = self._capped(reservation, max_out, kwargs)
+        call = await self._call(input, config, kwargs).abegin()
         try:
-            with reservation.entered():
-                output = await self.model.ainvoke(input, config, **kwargs)
-            self._record(reservation, model, prompt, getattr(output, "usage_metadata", None), _text(output))
+            with call.reservation.entered():
+                output = await self.model.ainvoke(input, config, **self._capped(call, kwargs))
         except BaseException as exc:
-            await reservation.afinish(exc)
+            await call.afinish(exc)
             raise
-        await reservation.afinish(None, output)
+        call.output(_text(output), getattr(output, "usage_metadata", None))
+        await call.afinish()
         return output
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         config = ensure_config(config)
-        reservation, model, (prompt, max_out) = self._reserve(input, config, kwargs)
-        reservation.begin()
-        kwargs = self._capped(reservation, max_out, kwargs)
-        chunks = self.model.stream(input, config, **kwargs)
+        call = self._call(input, config, kwargs).begin()
+        chunks = self.model.stream(input, config, **self._capped(call, kwargs))
         usage: Any = None
-        text: list[str] = []
         failure: BaseException | None = None
         try:
             while True:
-                with reservation.entered():
+                with call.reservation.entered():
                     try:
                         chunk = next(chunks)
                     except StopIteration:
                         break
-                if not text and not usage:  # tokens are out: from here a cut stream commits the estimate
-                    reservation.record(reservation.estimate)  # type: ignore[arg-type]
-                usage = add_usage(usage, chunk.usage_metadata) if getattr(chunk, "usage_metadata", None) else usage
-                text.append(_text(chunk))
-                if usage:
-                    self._record(reservation, model, prompt, usage, "")
+                if getattr(chunk, "usage_metadata", None):
+                    usage = add_usage(usage, chunk.usage_metadata)
+                call.output(_text(chunk), usage)  # from here a cut stream commits its usage, else the estimate
                 yield chunk
-            self._record(reservation, model, prompt, usage, "".join(text))
         except BaseException as exc:
             failure = exc
             raise
         finally:
-            with reservation.entered():
+            with call.reservation.entered():
                 chunks.close()  # type: ignore[attr-defined]
-            reservation.finish(failure)
+            call.finish(failure)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         config = ensure_config(config)
-        reservation, model, (prompt, max_out) = self._reserve(input, config, kwargs)
-        await reservation.abegin()
-        kwargs = self._capped(reservation, max_out, kwargs)
-        chunks = self.model.astream(input, config, **kwargs)
+        call = await self._call(input, config, kwargs).abegin()
+        chunks = self.model.astream(input, config, **self._capped(call, kwargs))
         usage: Any = None
-        text: list[str] = []
         failure: BaseException | None = None
         try:
             while True:
-                with reservation.entered():
+                with call.reservation.entered():
                     try:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
-                if not text and not usage:
-                    reservation.record(reservation.estimate)  # type: ignore[arg-type]
-                usage = add_usage(usage, chunk.usage_metadata) if getattr(chunk, "usage_metadata", None) else usage
-                text.append(_text(chunk))
-                if usage:
-                    self._record(reservation, model, prompt, usage, "")
+                if getattr(chunk, "usage_metadata", None):
+                    usage = add_usage(usage, chunk.usage_metadata)
+                call.output(_text(chunk), usage)
                 yield chunk
-            self._record(reservation, model, prompt, usage, "".join(text))
         except BaseException as exc:
             failure = exc
             raise
         finally:
-            with reservation.entered():
+            with call.reservation.entered():
                 await chunks.aclose()  # type: ignore[attr-defined]
-            await reservation.afinish(failure)
+            await call.afinish(failure)
 
 
 def guard_model(

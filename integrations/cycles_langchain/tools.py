@@ -27,9 +27,10 @@ from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool, Tool
 from pydantic import PrivateAttr
 
-from cycles import Action, Amount, BudgetDenied, Client, Reservation, current_scope, default_client
+from cycles import Action, Amount, BudgetDenied, Client, Reservation, default_client
+from cycles.calls import admit_tool, denied_message, handler_subject, tool_call, with_tags
 
-from ._common import call_subject, guarded_tool, handler_subject, scope_value, tool_not_allowed
+from ._common import guarded_tool
 
 __all__ = ["GuardedSimpleTool", "GuardedTool", "guard_tool"]
 
@@ -75,39 +76,31 @@ class GuardedTool(BaseTool):
     def client(self) -> Client:
         return self._client or default_client()
 
-    def _reservation(self, tool_input: Any, tool_call_id: str | None, metadata: dict[str, Any] | None) -> Reservation:
-        subject = call_subject(self._subject, metadata)
-        if "toolset" not in subject and "toolset" not in current_scope():
-            subject = {**subject, "toolset": scope_value(self.name)}
-        return self.client.reserve(
+    def _reservation(self, tool_call_id: str | None, metadata: dict[str, Any] | None) -> Reservation:
+        return tool_call(
+            self.client,
+            self.name,
             self._estimate,
-            action=self._action,
             actual=self._actual,
+            subject=with_tags(self._subject, metadata),
+            call_action=self._action,
             idempotency_key=f"langchain-tool-{tool_call_id}" if tool_call_id else None,
-            **subject,
         )
-
-    def _admit(self, reservation: Reservation) -> None:
-        """ALLOW_WITH_CAPS: the tool must pass the caps' allow/deny lists (a hold drawn from an enclosing one, such
-        as a run budget, carries that hold's caps)."""
-        if not reservation.allows_tool(self.name):
-            reservation.release(reason="tool not allowed by caps")
-            raise tool_not_allowed(self.name, reservation.caps)  # type: ignore[arg-type]
 
     def _denied(self, exc: BudgetDenied, tool_call_id: str | None) -> Any:
         if self._on_denied != "message":
             raise exc
-        text = f"Budget exhausted: the tool {self.name!r} was not run ({exc.message})."
+        text = denied_message(self.name, exc)
         if tool_call_id:
             return ToolMessage(content=text, tool_call_id=tool_call_id, name=self.name, status="error")
         return text
 
     def run(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
         tool_call_id = kwargs.get("tool_call_id")
-        reservation = self._reservation(tool_input, tool_call_id, kwargs.get("metadata"))
+        reservation = self._reservation(tool_call_id, kwargs.get("metadata"))
         try:
             reservation.begin(tool_input)
-            self._admit(reservation)
+            admit_tool(reservation, self.name)
         except BudgetDenied as exc:
             return self._denied(exc, tool_call_id)
         token = guarded_tool.set([self.tool.name, False])
@@ -124,10 +117,10 @@ class GuardedTool(BaseTool):
 
     async def arun(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
         tool_call_id = kwargs.get("tool_call_id")
-        reservation = self._reservation(tool_input, tool_call_id, kwargs.get("metadata"))
+        reservation = self._reservation(tool_call_id, kwargs.get("metadata"))
         try:
             await reservation.abegin(tool_input)
-            self._admit(reservation)
+            admit_tool(reservation, self.name)
         except BudgetDenied as exc:
             return self._denied(exc, tool_call_id)
         token = guarded_tool.set([self.tool.name, False])
