@@ -1,0 +1,142 @@
+"""What LlamaIndex's events say about a call: the model and output limit its payload reports, the text of a
+response, and the chunks of a stream as the instrumentation dispatcher reports them. Budget logic is in the core
+(`cycles.calls`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMChatInProgressEvent, LLMCompletionInProgressEvent
+
+from cycles.calls import max_tokens_from
+from cycles.errors import BudgetDenied
+from cycles.pricing import TokenUsage, normalize_usage
+
+if TYPE_CHECKING:
+    from cycles.calls import ModelCall
+
+log = logging.getLogger("cycles.llamaindex")
+
+# --------------------------------------------------------------------------------------------- model calls
+
+
+def model_name(serialized: Mapping[str, Any] | None, fallback: str = "unknown") -> str:
+    """The model an LLM event names: `LLM.to_payload()` is its metadata (`model_name`), plus the class name."""
+    if serialized:
+        name = serialized.get("model_name") or serialized.get("model")
+        if isinstance(name, str) and name and name != "unknown":
+            return name
+        name = serialized.get("class_name")
+        if isinstance(name, str) and name:
+            return name
+    return fallback
+
+
+def max_output_tokens(kwargs: Mapping[str, Any] | None, serialized: Mapping[str, Any] | None) -> int | None:
+    """The request's output limit: a per-call `max_tokens` (or a sibling name), else the LLM's `num_output`."""
+    return max_tokens_from(kwargs) or max_tokens_from(serialized, ("num_output", "max_tokens"))
+
+
+def response_usage(response: Any) -> TokenUsage:
+    """A ChatResponse's / CompletionResponse's usage: its `raw` usage or its `additional_kwargs` token counts (what
+    LlamaIndex's provider integrations fill), else its message's `additional_kwargs` (where a CustomLLM's chat,
+    built from its completion, carries them)."""
+    usage = normalize_usage(response)
+    if not usage:
+        message = getattr(response, "message", None)
+        if message is not None and message.additional_kwargs:
+            usage = normalize_usage(message.additional_kwargs)
+    return usage
+
+
+def response_text(response: Any) -> str:
+    """The text a ChatResponse / CompletionResponse generated (for a call whose provider reported no usage)."""
+    message = getattr(response, "message", None)
+    if message is not None:
+        content = message.content or ""
+        calls = (message.additional_kwargs or {}).get("tool_calls")
+        return content + str(calls) if calls else content
+    return getattr(response, "text", None) or ""
+
+
+# --------------------------------------------------------------------------------------------------- streams
+
+
+# The legacy callbacks see a stream's start and its end only; its chunks are reported by the instrumentation
+# dispatcher, keyed by the span of the LLM method (the span that is active when the callback starts). A call is
+# registered here for as long as it is in flight, so a stream cut short commits the usage its chunks reported.
+in_flight: dict[str, ModelCall] = {}
+
+_lock = threading.Lock()
+_listening = False
+_PROGRESS = (LLMChatInProgressEvent, LLMCompletionInProgressEvent)
+
+
+class StreamProgress(BaseEventHandler):
+    """Feeds each streamed chunk (text and cumulative usage) to the call in flight on its span."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CyclesStreamProgress"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        if type(event) in _PROGRESS and (call := in_flight.get(event.span_id)) is not None:  # type: ignore[arg-type]
+            response = event.response
+            call.output(response.delta or "", response_usage(response))
+
+
+def listen_to_streams() -> None:
+    """Put one StreamProgress on the root dispatcher (once per process)."""
+    global _listening
+    if _listening:
+        return
+    with _lock:
+        if not _listening:
+            get_dispatcher().add_event_handler(StreamProgress())
+            _listening = True
+
+
+# ----------------------------------------------------------------------------------------------- agent stops
+
+
+# Denials of guarded tools (on_denied="stop") waiting for the agent's next model call, by the token their tool
+# output carries: an agent turns a tool's answer into a message of the next request, whatever task or thread it
+# ran in, so the token reaches the LLM gate where the handler raises the denial.
+stops: dict[str, BudgetDenied] = {}
+_STOP = re.compile(r"\[cycles stop ([0-9a-f]{12})\]")
+MAX_STOPS = 1024
+
+
+def stop_text(exc: BudgetDenied) -> str:
+    """The mark a stopping tool output ends with."""
+    if len(stops) >= MAX_STOPS:  # left by agents that ended otherwise
+        stops.clear()
+    token = os.urandom(6).hex()
+    stops[token] = exc
+    return f" [cycles stop {token}]"
+
+
+def pending_stop(prompt: Any) -> BudgetDenied | None:
+    """The denial a stopping tool output carries (once) in the latest turn of a request: the messages after the
+    last assistant message (a FunctionAgent's tool results, a ReAct observation), or a completion's prompt."""
+    if isinstance(prompt, str):
+        texts: list[str] = [prompt]
+    else:
+        texts = []
+        for message in reversed(prompt or ()):
+            if getattr(message, "role", None) == "assistant":
+                break
+            texts.append(message.content or "")
+    for text in texts:
+        if "[cycles stop " in text:
+            for token in _STOP.findall(text):
+                if (exc := stops.pop(token, None)) is not None:
+                    return exc
+    return None
