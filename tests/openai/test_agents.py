@@ -1,0 +1,198 @@
+"""CyclesRunHooks on real OpenAI Agents SDK runs driven by its offline `agents.testing.ScriptedModel`: every model
+call reserved before it is made and committed at its priced usage, tools reserved by call id, the tool input
+guardrail stopping a run on denial, concurrent runs sharing one hooks object."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+agents = pytest.importorskip("agents", reason="openai-agents is not installed (pip install 'cycles[openai-agents]')")
+
+from agents import Agent, ModelSettings, Runner, ToolInputGuardrailTripwireTriggered, function_tool  # noqa: E402
+from agents.testing import ModelStep, ScriptedModel, assistant_message  # noqa: E402
+from agents.testing import function_call as call_tool  # noqa: E402
+from agents.usage import Usage  # noqa: E402
+from cycles_openai.agents import CyclesRunHooks  # noqa: E402
+from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails  # noqa: E402
+
+import cycles  # noqa: E402
+from cycles.pricing import Pricing  # noqa: E402
+
+MODEL = "gpt-4o-mini"
+PRICING = Pricing(provider="openai")
+TOOL_COST = cycles.usd(0.01)
+
+
+def usage(inp: int, out: int, cached: int = 0) -> Usage:
+    return Usage(
+        requests=1,
+        input_tokens=inp,
+        input_tokens_details=InputTokensDetails(cached_tokens=cached, cache_write_tokens=0),
+        output_tokens=out,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+        total_tokens=inp + out,
+    )
+
+
+def cost(u: Usage) -> int:
+    return PRICING.cost(MODEL, u).amount
+
+
+def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
+    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == client.scope_path(scope))
+    return balance.spent.amount if balance.spent else 0
+
+
+@pytest.fixture
+def funded(client: cycles.Client) -> cycles.Client:
+    client.budgets.set("tenant:acme", cycles.usd(10))
+    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
+    return client
+
+
+class Searches:
+    """A real function tool that counts its runs."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def tool(self, guardrails: list[Any] | None = None) -> Any:
+        def search(query: str) -> str:
+            """Search the web."""
+            self.runs.append(query)
+            return f"results for {query}"
+
+        return function_tool(search, tool_input_guardrails=guardrails)
+
+
+def script(call_id: str = "call_1") -> tuple[list[ModelStep], list[Usage]]:
+    """The model asks for `search` once, then answers."""
+    usages = [usage(120, 18, cached=40), usage(180, 9)]
+    steps = [
+        ModelStep(output=[call_tool("search", {"query": "budgets"}, call_id=call_id)], usage=usages[0]),
+        ModelStep(output=[assistant_message("Budgets keep agents honest.")], usage=usages[1]),
+    ]
+    return steps, usages
+
+
+def test_run_reserves_models_and_tools_and_commits_priced_usage(funded: cycles.Client) -> None:
+    steps, usages = script()
+    searches = Searches()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    agent = Agent(name="bot", model=ScriptedModel(steps), tools=[searches.tool()])
+    result = asyncio.run(Runner.run(agent, "Tell me about budgets.", hooks=hooks))
+
+    assert result.final_output == "Budgets keep agents honest."
+    assert searches.runs == ["budgets"]
+    rs = funded.reservations()
+    assert {r.status for r in rs} == {"COMMITTED"} and len(rs) == 3
+    models = [r for r in rs if r.action.kind == "llm.completion"]
+    [tool] = [r for r in rs if r.action.kind == "tool.call"]
+    assert sorted(r.committed.amount for r in models) == sorted(cost(u) for u in usages)
+    assert tool.scope_path == "tenant:acme/agent:bot/toolset:search" and tool.committed == TOOL_COST
+    assert spent(funded, "tenant:acme/agent:bot") == sum(cost(u) for u in usages) + TOOL_COST.amount
+    assert hooks.in_flight() == 0
+
+
+def test_max_tokens_of_the_agent_bounds_the_estimate(funded: cycles.Client) -> None:
+    model = ScriptedModel([ModelStep(output=[assistant_message("ok")], usage=usage(10, 1))])
+    hooks = CyclesRunHooks(funded, model=MODEL)
+    agent = Agent(name="bot", instructions="Be terse.", model=model, model_settings=ModelSettings(max_tokens=30))
+    asyncio.run(Runner.run(agent, "hi", hooks=hooks))
+    [r] = funded.reservations()
+    assert r.reserved == PRICING.estimate(MODEL, prompt=["Be terse.", "hi"], max_output_tokens=30)
+
+
+def test_denied_model_call_raises_before_the_model_is_called(funded: cycles.Client) -> None:
+    funded.budgets.set("tenant:acme/agent:poor", cycles.usd(0.000001))
+    steps, _ = script()
+    model = ScriptedModel(steps)
+    hooks = CyclesRunHooks(funded, model=MODEL, agent="poor")
+    with pytest.raises(cycles.BudgetExceeded):
+        asyncio.run(Runner.run(Agent(name="poor", model=model), "hi", hooks=hooks))
+    assert model.calls == ()
+    assert funded.reservations() == []
+
+
+def test_tool_guardrail_stops_the_run_on_denial(funded: cycles.Client) -> None:
+    funded.budgets.set("tenant:acme/agent:bot/toolset:search", cycles.usd(0.001))  # less than one search
+    steps, _ = script()
+    searches = Searches()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    agent = Agent(name="bot", model=ScriptedModel(steps), tools=[searches.tool([hooks.tool_guardrail()])])
+    with pytest.raises(ToolInputGuardrailTripwireTriggered) as raised:
+        asyncio.run(Runner.run(agent, "hi", hooks=hooks))
+    assert isinstance(raised.value.output.output_info, cycles.BudgetExceeded)
+    assert searches.runs == []
+    assert funded.reservations(status="ACTIVE") == []
+    assert hooks.in_flight() == 0
+
+
+def test_tool_guardrail_can_tell_the_model_instead(funded: cycles.Client) -> None:
+    funded.budgets.set("tenant:acme/agent:bot/toolset:search", cycles.usd(0.001))
+    steps, usages = script()
+    model = ScriptedModel(steps)
+    searches = Searches()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    agent = Agent(name="bot", model=model, tools=[searches.tool([hooks.tool_guardrail(on_denied="message")])])
+    result = asyncio.run(Runner.run(agent, "hi", hooks=hooks))
+    assert result.final_output == "Budgets keep agents honest." and searches.runs == []
+    told = [i for i in model.last_call.input if isinstance(i, dict) and i.get("type") == "function_call_output"]
+    assert "Budget exhausted" in told[0]["output"]
+    assert spent(funded, "tenant:acme/agent:bot") == sum(cost(u) for u in usages)
+
+
+def test_tool_excluded_by_caps_is_refused(funded: cycles.Client, set_caps: Callable[..., None]) -> None:
+    set_caps(funded, tool_denylist=["search"])
+    steps, _ = script()
+    searches = Searches()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    agent = Agent(name="bot", model=ScriptedModel(steps), tools=[searches.tool([hooks.tool_guardrail()])])
+    with pytest.raises(ToolInputGuardrailTripwireTriggered) as raised:
+        asyncio.run(Runner.run(agent, "hi", hooks=hooks))
+    assert isinstance(raised.value.output.output_info, cycles.ToolNotAllowed)
+    assert searches.runs == []
+    assert funded.reservations(status="ACTIVE") == []
+
+
+def test_concurrent_runs_never_share_state(funded: cycles.Client) -> None:
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    searches = Searches()
+    tool = searches.tool([hooks.tool_guardrail()])
+    billed: list[Usage] = []
+
+    async def one(i: int) -> Any:
+        steps, usages = script(call_id="call_1")  # every run's model uses the same call id
+        billed.extend(usages)
+        agent = Agent(name="bot", model=ScriptedModel(steps), tools=[tool])
+        return await Runner.run(agent, f"question {i}", hooks=hooks)
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    assert len(asyncio.run(go())) == 8
+    assert len(searches.runs) == 8
+    rs = funded.reservations()
+    assert len(rs) == 24 and {r.status for r in rs} == {"COMMITTED"}
+    assert spent(funded) == sum(cost(u) for u in billed) + 8 * TOOL_COST.amount
+    assert hooks.in_flight() == 0
+
+
+def test_release_open_after_a_model_error(funded: cycles.Client) -> None:
+    model = ScriptedModel([ModelStep.raise_error(ConnectionError("provider down"))])
+    hooks = CyclesRunHooks(funded, model=MODEL)
+
+    async def go() -> int:
+        try:
+            await Runner.run(Agent(name="bot", model=model), "hi", hooks=hooks)
+        except ConnectionError:
+            pass
+        return await hooks.release_open()
+
+    assert asyncio.run(go()) == 1
+    [r] = funded.reservations()
+    assert r.status == "RELEASED" and hooks.in_flight() == 0
