@@ -23,3 +23,23 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture(scope="session")
+def redis_session():
+    """One redis-server for the whole session (no persistence: fast); skipped when the binary is absent."""
+    from .redis_server import redis_server
+
+    with redis_server("--appendonly", "no") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_session) -> str:
+    """The session's redis-server, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_session.url)
+    client.flushdb()
+    client.close()
+    return redis_session.url

@@ -32,6 +32,7 @@ __all__ = [
     "LimitExceeded",
     "InternalError",
     "StoreBusy",
+    "StoreUnavailable",
     "TransportError",
     "error_for_code",
 ]
@@ -203,6 +204,13 @@ class InternalError(CyclesError):
 
 class StoreBusy(InternalError):
     """The store stayed locked by another writer for longer than its busy timeout."""
+
+
+class StoreUnavailable(InternalError):
+    """The store cannot be reached right now (Redis down, restarting or too slow): 503, try again shortly. The
+    operation may or may not have happened; a retry with the same idempotency key settles which."""
+
+    status = 503
 
 
 class TransportError(CyclesError):

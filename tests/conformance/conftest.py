@@ -3,6 +3,7 @@
 A test sees `authority` (the Ledger API: runtime operations with the effective `tenant=`, and `.admin`) and the
 `clock` it runs on. Adding a store or a transport means adding a parameter here, not tests:
 - sqlite-file, sqlite-memory: the embedded ledger;
+- redis: the embedded ledger on a Redis store (a real redis-server of the session, emptied per test);
 - http: the same ledger behind `cycles serve`'s app on loopback, driven through cycles.client.http (a tenant's
   calls carry an API key of that tenant; admin calls the admin key).
 """
@@ -15,7 +16,7 @@ import pytest
 
 from cycles.ledger import Ledger, SQLiteStore
 
-AUTHORITIES = ["sqlite-file", "sqlite-memory", "http"]
+AUTHORITIES = ["sqlite-file", "sqlite-memory", "redis", "http"]
 
 # Where the HTTP surface deliberately answers otherwise than the ledger (tests marked embedded_only(reason)):
 TENANT_KEYS = (
@@ -29,6 +30,10 @@ ADMIN_ONLY = "budget updates, freezes and API keys are admin-key operations on t
 def authority(request: pytest.FixtureRequest, tmp_path, clock) -> Iterator[Ledger]:
     if request.param == "sqlite-memory":
         store = SQLiteStore(":memory:")
+    elif request.param == "redis":
+        from cycles.ledger.redis import open_redis
+
+        store = open_redis(request.getfixturevalue("redis_url"))
     else:
         store = SQLiteStore(tmp_path / "cycles.db")
     ledger = Ledger(store, clock=clock)

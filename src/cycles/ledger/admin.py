@@ -62,7 +62,7 @@ from .rules import (
     parse,
     parse_time_ms,
 )
-from .store import ApiKeyRecord, BudgetRecord, PolicyRecord, TenantRecord, Transaction
+from .store import ApiKeyRecord, BudgetRecord, PolicyRecord, TenantRecord, Transaction, retrying_methods
 
 if TYPE_CHECKING:
     from .rules import Ledger
@@ -153,6 +153,7 @@ def key_model(k: ApiKeyRecord) -> ApiKey:
     )
 
 
+@retrying_methods  # each public method is one operation, run again on a store.Conflict
 class Admin:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger

@@ -94,6 +94,7 @@ from .store import (
     Store,
     TenantRecord,
     Transaction,
+    retrying_methods,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -269,6 +270,7 @@ class Denial:
         return _DENIALS.get(self.reason_code, BudgetExceeded)(message, details=details)
 
 
+@retrying_methods  # an optimistic store (Redis) may ask for an operation to run again: see store.Conflict
 class Ledger:
     """The budget authority's runtime operations (reserve, commit, release, extend, decide, event, reads).
 

@@ -7,10 +7,13 @@ write changes back through the `Transaction` methods. A store only has to make e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import random
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 @dataclass(slots=True)
@@ -156,7 +159,45 @@ class ReservationFilter:
 
 
 class DuplicateKey(Exception):
-    """`insert_reservation` found the (tenant, idempotency_key) pair taken: the caller replays the original."""
+    """`insert_reservation` found the (tenant, idempotency_key) pair taken: the caller replays the original.
+    (An optimistic store may raise it when the transaction ends, from `with store.transaction()`.)"""
+
+
+class Conflict(Exception):
+    """An optimistic store's transaction read records that changed before it could commit; nothing was written.
+    `retrying` runs the whole operation again."""
+
+
+CONFLICT_ATTEMPTS = 50
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retrying(operation: F) -> F:
+    """Run `operation` again while its transaction meets a Conflict: at once the first time (the store has just
+    refreshed what changed), then after a short random pause growing with each attempt, so that processes racing
+    for the same records stop colliding. Bounded: StoreBusy after CONFLICT_ATTEMPTS."""
+
+    @functools.wraps(operation)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                return operation(*args, **kwargs)
+            except Conflict:
+                if attempt:
+                    time.sleep(random.uniform(0, min(0.0002 * 2**attempt, 0.02)))
+        from ..errors import StoreBusy
+
+        raise StoreBusy(f"the records of this operation kept changing under {CONFLICT_ATTEMPTS} attempts")
+
+    return run  # type: ignore[return-value]
+
+
+def retrying_methods(cls: type) -> type:
+    """Class decorator: every public method of `cls` runs under `retrying` (one operation each)."""
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and callable(value) and not isinstance(value, staticmethod | classmethod):
+            setattr(cls, name, retrying(value))
+    return cls
 
 
 class Transaction(Protocol):

@@ -1,0 +1,757 @@
+"""The scale-out store: Redis or Redis Cluster, many `cycles serve` processes and hosts on one keyspace.
+
+The same rules (rules.py, admin.py) run over it as over SQLite; only the store differs.
+
+Keys. Everything a tenant owns carries its hash tag, so it lives in one cluster slot:
+
+    {t:<tenant>}:tenant            the tenant record          {t:<tenant>}:budgets   index: "scope\\0unit" (lex)
+    {t:<tenant>}:b:<unit>:<scope>  a budget ledger            {t:<tenant>}:res       index: every reservation id
+    {t:<tenant>}:r:<id>            a reservation              {t:<tenant>}:ttl       index: ACTIVE ids by expires+grace
+    {t:<tenant>}:rk:<key>          reservation by its idempotency key
+    {t:<tenant>}:i:<endpoint>:<key> an idempotency snapshot   {t:<tenant>}:policies  the tenant's policies
+    {t:<tenant>}:k:<key id>        an API key                 {t:<tenant>}:keys      index: key ids (lex)
+    {t:<tenant>}:e:<event id>      an event
+
+Outside the tenants' slots, each in a slot of its own: `cycles:tenants` (every tenant with data: list_tenants and
+the sweep walk it) and write-once pointers from ids the rules look up without a tenant to that tenant
+(`cycles:rid:<id>`, `cycles:kid:<key id>`, `cycles:kh:<key hash>`, `cycles:pid:<policy id>`). They are written
+before the transaction that needs them commits (a pointer to nothing is harmless: the lookup finds no record) and
+never change afterwards.
+
+Transactions are optimistic. Every record is a hash {v: version, d: JSON}. A transaction reads records (from Redis,
+or from this process's cache of records it has seen, which may be stale), hands the rules objects, and buffers
+their writes. At the end ONE Lua script per tenant slot (loaded once, run with EVALSHA) gets every key it touches in
+KEYS, checks that each record read still has the version it had, and then applies every write, or applies nothing
+and returns the current copies of the records that changed: the cache takes them and the whole operation runs
+again (`retrying`, bounded, with jitter). A transaction that only read one record straight from Redis needs no
+check; a refusal (a CyclesError) is checked too before it is believed, since it may rest on a stale record.
+
+Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
+first): each tenant's writes then commit in their own script, the operation's own tenant (the last one written)
+last, and only its outcome decides; expiring a hold twice is impossible and expiring it later harmless.
+
+Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it only compares
+versions and stores text. Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
+monotonic clock), so every server decides expiry on one clock; an injected `clock=` still wins (the rules).
+
+Durability is Redis's: with `appendonly yes` and `appendfsync everysec` a Redis crash loses at most about a second
+of acknowledged operations; a server process crash loses nothing acknowledged (every answer follows its commit).
+
+Limits: a reservation listing reads all of the tenant's reservations and filters them here, and a read sweeps by
+walking every tenant's TTL index; both fit thousands of records per tenant, not millions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic_core import from_json, to_json
+
+from ..errors import InvalidRequest, StoreUnavailable
+from .store import (
+    ApiKeyRecord,
+    BudgetRecord,
+    Conflict,
+    DuplicateKey,
+    EventRecord,
+    PolicyRecord,
+    ReservationFilter,
+    ReservationRecord,
+    TenantRecord,
+)
+
+try:
+    import redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError:  # pragma: no cover - the redis extra is not installed
+    redis = None  # type: ignore[assignment]
+
+# Check the versions read, then apply the writes; or apply nothing and return the changed records.
+# ARGV: n, the n expected versions (of KEYS[1..n]), then ops: P k data | Z k score member | X k member.
+COMMIT = """
+local n = tonumber(ARGV[1])
+local changed = {}
+for i = 1, n do
+  local v = redis.call('HGET', KEYS[i], 'v') or '0'
+  if v ~= ARGV[i + 1] then
+    local now = redis.call('HMGET', KEYS[i], 'v', 'd')
+    changed[#changed + 1] = KEYS[i]
+    changed[#changed + 1] = now[1] or '0'
+    changed[#changed + 1] = now[2] or ''
+  end
+end
+if #changed > 0 then return changed end
+local i = n + 2
+while i <= #ARGV do
+  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+  if op == 'P' then
+    redis.call('HINCRBY', key, 'v', 1)
+    redis.call('HSET', key, 'd', ARGV[i + 2])
+    i = i + 3
+  elseif op == 'Z' then
+    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  else
+    redis.call('ZREM', key, ARGV[i + 2])
+    i = i + 3
+  end
+end
+return changed
+"""
+
+# The sweep lease: take it when free, extend it when ours; 1 when this owner holds it.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+UNLEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+TENANTS = "cycles:tenants"
+CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every record used is checked at commit)
+CLOCK_RESAMPLE_S = 5.0
+
+
+def tag(tenant: str) -> str:
+    return "{t:" + tenant + "}"
+
+
+def _slot_of(key: str) -> str:
+    return key[: key.index("}") + 1]
+
+
+def _tenant_of_scope(scope: str) -> str:
+    return scope.split("/", 1)[0][len("tenant:") :]
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+_BUDGET, _RES, _TENANT, _KEY, _EVENT, _POLICY = map(
+    _fields, (BudgetRecord, ReservationRecord, TenantRecord, ApiKeyRecord, EventRecord, PolicyRecord)
+)
+
+
+def _dump(obj: Any, names: tuple[str, ...]) -> str:
+    return to_json({n: getattr(obj, n) for n in names}).decode()
+
+
+_LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
+
+
+class RedisTransaction:
+    """One optimistic transaction (see the module docstring): reads recorded with their versions, writes buffered."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._r = store.redis
+        self._read: dict[str, tuple[str, str | None]] = {}  # key -> (version, data) as this transaction saw it
+        self._objects: dict[str, Any] = {}  # key -> the record handed out (an identity map)
+        self._cached = False  # some record came from the cache: check even a lone read
+        self._writes: dict[str, tuple[Any, tuple[str, ...] | None]] = {}  # key -> (record or data, fields), ordered
+        self._index: list[tuple[str, ...]] = []  # ('Z', key, score, member) / ('X', key, member)
+        self._pointers: dict[str, str] = {}  # global write-once pointers to set before the commit
+        self._inserted: set[str] = set()  # keys that must not exist yet (DuplicateKey otherwise)
+        self._expired: set[str] = set()  # reservation ids this transaction took off a TTL index
+        self._last_slot: str | None = None
+
+    def now_ms(self) -> int:
+        return self._store.now_ms()
+
+    # ---------------------------------------------------------------------------------------------- plumbing
+    def _get(self, keys: Sequence[str]) -> list[str | None]:
+        """The data of each key (None: absent), as first seen by this transaction."""
+        cache = self._store.cache
+        missing = [k for k in keys if k not in self._read and k not in cache]
+        if missing:
+            with self._store.errors():
+                pipe = self._r.pipeline(transaction=False)
+                for k in missing:
+                    pipe.hmget(k, "v", "d")
+                for k, (v, d) in zip(missing, pipe.execute(), strict=True):
+                    cache[k] = (v or "0", d)
+        out = []
+        for k in keys:
+            seen = self._read.get(k)
+            if seen is None:
+                seen = self._read[k] = cache[k]
+                if k not in missing:
+                    self._cached = True
+            out.append(seen[1])
+        return out
+
+    def _load(self, keys: Sequence[str], make: Any) -> list[Any]:
+        """Records for keys (None where absent), the same object each time within this transaction."""
+        objects = self._objects
+        need = [k for k in keys if k not in objects]
+        if need:
+            for k, data in zip(need, self._get(need), strict=True):
+                objects[k] = None if data is None else make(from_json(data))
+        return [objects[k] for k in keys]
+
+    def _put(self, key: str, value: Any, names: tuple[str, ...] | None) -> None:
+        """Write a record (its fields `names`) or plain JSON data (names None) at commit."""
+        self._writes.pop(key, None)  # re-inserted: the order of last writes picks the operation's own slot
+        self._writes[key] = (value, names)
+        self._objects[key] = value
+        self._last_slot = _slot_of(key)
+
+    def _zadd(self, key: str, score: int | str, member: str) -> None:
+        self._index.append(("Z", key, str(score), member))
+        self._last_slot = _slot_of(key)
+
+    def _zrem(self, key: str, member: str) -> None:
+        self._index.append(("X", key, member))
+        self._last_slot = _slot_of(key)
+
+    def _pointer(self, pointer: str) -> str | None:
+        """The tenant a write-once pointer names (cached: it never changes)."""
+        known = self._store.pointers
+        if pointer in known:
+            return known[pointer]
+        with self._store.errors():
+            value = self._r.get(pointer)
+        if value is not None:
+            self._store.remember_pointer(pointer, value)
+        return value
+
+    def _set_pointer(self, pointer: str, value: str) -> None:
+        self._pointers[pointer] = value
+
+    # ------------------------------------------------------------------------------------------------ commit
+    def _groups(self) -> dict[str, tuple[list[str], list[str], list[Any]]]:
+        """Per slot: (keys checked, KEYS, ARGV) of its commit script."""
+        groups: dict[str, tuple[list[str], dict[str, int], list[str], list[Any]]] = {}
+
+        def group(slot: str) -> tuple[list[str], dict[str, int], list[str], list[Any]]:
+            g = groups.get(slot)
+            if g is None:
+                g = groups[slot] = ([], {}, [], [])
+            return g
+
+        def index(g: Any, key: str) -> int:
+            at = g[1].get(key)
+            if at is None:
+                g[2].append(key)
+                at = g[1][key] = len(g[2])
+            return at
+
+        written = set(self._writes) | self._inserted
+        for key in list(self._read) + [k for k in written if k not in self._read]:
+            g = group(_slot_of(key))
+            index(g, key)
+            g[0].append(self._read[key][0] if key in self._read else "0")
+        for key, (value, names) in self._writes.items():
+            g = group(_slot_of(key))
+            data = to_json(value).decode() if names is None else _dump(value, names)
+            g[3].extend(("P", index(g, key), data))
+        for op in self._index:
+            g = group(_slot_of(op[1]))
+            g[3].extend((op[0], index(g, op[1]), *op[2:]))
+        return {slot: (g[2][: len(g[0])], g[2], [len(g[0]), *g[0], *g[3]]) for slot, g in groups.items()}
+
+    def _commit(self, *, check_only: bool) -> None:
+        store = self._store
+        writing = bool(self._writes or self._index) and not check_only
+        if not writing and (not self._read or (len(self._read) == 1 and not self._cached)):
+            return  # nothing written, and what was read is one record as Redis had it: consistent by itself
+        if check_only:
+            self._writes, self._index = {}, []
+        groups = self._groups()
+        if writing:
+            primary = self._last_slot
+            # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
+            groups = {s: g for s, g in groups.items() if len(g[2]) > 1 + g[2][0] or s == primary}
+            order = [s for s in groups if s != primary] + [primary]
+        else:
+            primary, order = None, list(groups)
+        with store.errors():
+            if self._pointers:
+                store.set_pointers(self._pointers, groups_follow=True)
+            tenants = {_slot_of(k)[3:-1] for k in self._writes} | {_slot_of(op[1])[3:-1] for op in self._index}
+            store.index_tenants(tenants)
+            pipe = self._r.pipeline(transaction=False)
+            for slot in order:
+                _checked, keys, argv = groups[slot]
+                pipe.evalsha(store.commit_sha, len(keys), *keys, *argv)
+            try:
+                results = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                store.load_scripts()
+                results = self._r.pipeline(transaction=False)
+                for slot in order:
+                    _checked, keys, argv = groups[slot]
+                    results.evalsha(store.commit_sha, len(keys), *keys, *argv)
+                results = results.execute()
+        failed = False
+        for slot, result in zip(order, results, strict=True):
+            if result:
+                changed = {result[i]: (result[i + 1], result[i + 2] or None) for i in range(0, len(result), 3)}
+                store.cache.update(changed)
+                if primary is None or slot == primary:
+                    failed = True
+                    # another reserve took this idempotency key first: the rules replay it
+                    taken = [k for k in changed if ":rk:" in k and k in self._inserted and changed[k][1] is not None]
+                    if taken and writing:
+                        store.forget_pointers(self._pointers)
+                        raise DuplicateKey(taken[0])
+        if failed:
+            if writing:
+                store.forget_pointers(self._pointers)
+            raise Conflict("records read by this transaction changed before it could commit")
+        if writing:
+            self._remember_written()
+
+    def _remember_written(self) -> None:
+        cache = self._store.cache
+        if len(cache) > CACHE_LIMIT:
+            cache.clear()
+        for key, (value, names) in self._writes.items():
+            data = to_json(value).decode() if names is None else _dump(value, names)
+            version = self._read[key][0] if key in self._read else "0"
+            cache[key] = (str(int(version) + 1), data)
+
+    # ------------------------------------------------------------------------------------------------ idempotency
+    def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None:
+        (data,) = self._get([f"{tag(tenant)}:i:{endpoint}:{key}"])
+        return None if data is None else tuple(from_json(data))  # type: ignore[return-value]
+
+    def put_idempotent(self, tenant: str, endpoint: str, key: str, fingerprint: str, response: str) -> None:
+        k = f"{tag(tenant)}:i:{endpoint}:{key}"
+        self._inserted.add(k)
+        self._put(k, [fingerprint, response], None)
+
+    # ---------------------------------------------------------------------------------------------------- tenants
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        return self._load([tag(tenant_id) + ":tenant"], lambda d: TenantRecord(**d))[0]
+
+    def put_tenant(self, t: TenantRecord) -> None:
+        self._put(tag(t.tenant_id) + ":tenant", t, _TENANT)
+
+    def _all_tenants(self) -> list[str]:
+        with self._store.errors():
+            return self._r.zrange(TENANTS, 0, -1)
+
+    def list_tenants(self, after: str | None, limit: int) -> list[TenantRecord]:
+        names = [n for n in self._all_tenants() if after is None or n > after]
+        found: list[TenantRecord] = []
+        for start in range(0, len(names), 200):
+            chunk = names[start : start + 200]
+            records = self._load([tag(n) + ":tenant" for n in chunk], lambda d: TenantRecord(**d))
+            found += [t for t in records if t is not None]
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    # ---------------------------------------------------------------------------------------------------- budgets
+    @staticmethod
+    def _budget_key(unit: str, scope: str) -> str:
+        return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
+
+    def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
+        found = self._load([self._budget_key(unit, s) for s in scopes], lambda d: BudgetRecord(**d))
+        return [b for b in found if b is not None]
+
+    def _index_members(self, tenants: Iterable[str], index: str) -> list[tuple[str, str]]:
+        """(tenant, member) of each tenant's lex index."""
+        tenants = list(tenants)
+        with self._store.errors():
+            pipe = self._r.pipeline(transaction=False)
+            for t in tenants:
+                pipe.zrange(f"{tag(t)}:{index}", 0, -1)
+            return [(t, m) for t, members in zip(tenants, pipe.execute(), strict=True) for m in members]
+
+    def budget_units(self, scopes: Sequence[str]) -> list[str]:
+        wanted = set(scopes)
+        members = self._index_members({_tenant_of_scope(s) for s in scopes}, "budgets")
+        return sorted({m.split("\0")[1] for _t, m in members if m.split("\0")[0] in wanted})
+
+    def insert_budget(self, b: BudgetRecord) -> None:
+        key = self._budget_key(b.unit, b.scope)
+        self._inserted.add(key)
+        self._put(key, b, _BUDGET)
+        self._zadd(f"{tag(_tenant_of_scope(b.scope))}:budgets", 0, f"{b.scope}\0{b.unit}")
+
+    def save_budget(self, b: BudgetRecord) -> None:
+        self._put(self._budget_key(b.unit, b.scope), b, _BUDGET)
+
+    def move(self, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
+        for b in budgets:
+            b.reserved += reserved
+            b.spent += spent
+            b.debt += debt
+            self._put(self._budget_key(b.unit, b.scope), b, _BUDGET)
+
+    def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None:
+        for b in self.get_budgets(unit, scopes):
+            b.is_over_limit = flag
+            self._put(self._budget_key(b.unit, b.scope), b, _BUDGET)
+
+    def list_budgets(
+        self,
+        *,
+        tenant_id: str | None = None,
+        scope: str | None = None,
+        children: bool = False,
+        scope_prefix: str | None = None,
+        unit: str | None = None,
+        after: tuple[str, str] | None = None,
+        limit: int = 50,
+    ) -> list[BudgetRecord]:
+        if tenant_id is not None:
+            tenants = [tenant_id]
+        elif scope is not None:
+            tenants = [_tenant_of_scope(scope)]
+        else:
+            tenants = self._all_tenants()
+        rows = []
+        for _t, member in self._index_members(tenants, "budgets"):
+            s, u = member.split("\0")
+            if scope is not None and not (s == scope or (children and s.startswith(scope + "/"))):
+                continue
+            if scope_prefix and not s.startswith(scope_prefix):
+                continue
+            if (unit is not None and u != unit) or (after is not None and (s, u) <= after):
+                continue
+            rows.append((s, u))
+        rows.sort()
+        found = self._load([self._budget_key(u, s) for s, u in rows[:limit]], lambda d: BudgetRecord(**d))
+        return [b for b in found if b is not None and (tenant_id is None or b.tenant_id == tenant_id)]
+
+    # ----------------------------------------------------------------------------------------------- reservations
+    def insert_reservation(self, r: ReservationRecord) -> None:
+        t = tag(r.tenant)
+        by_key = f"{t}:rk:{r.idempotency_key}"
+        self._inserted.add(by_key)
+        self._put(by_key, r.reservation_id, None)
+        self._put(f"{t}:r:{r.reservation_id}", r, _RES)
+        self._zadd(f"{t}:res", r.created_at_ms, r.reservation_id)
+        if r.status == "ACTIVE":
+            self._zadd(f"{t}:ttl", r.expires_at_ms + r.grace_ms, r.reservation_id)
+        self._set_pointer("cycles:rid:" + r.reservation_id, r.tenant)
+
+    def _reservations(self, tenant: str, ids: Sequence[str]) -> list[ReservationRecord]:
+        t = tag(tenant)
+        found = self._load([f"{t}:r:{i}" for i in ids], lambda d: ReservationRecord(**d))
+        return [r for r in found if r is not None]
+
+    def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
+        tenant = self._pointer("cycles:rid:" + reservation_id)
+        if tenant is None:
+            return None
+        found = self._reservations(tenant, [reservation_id])
+        return found[0] if found else None
+
+    def get_reservation_by_key(self, tenant: str, idempotency_key: str) -> ReservationRecord | None:
+        (data,) = self._get([f"{tag(tenant)}:rk:{idempotency_key}"])
+        if data is None:
+            return None
+        found = self._reservations(tenant, [from_json(data)])
+        return found[0] if found else None
+
+    def save_reservation(self, r: ReservationRecord) -> None:
+        t = tag(r.tenant)
+        self._put(f"{t}:r:{r.reservation_id}", r, _RES)
+        if r.status == "ACTIVE":
+            self._zadd(f"{t}:ttl", r.expires_at_ms + r.grace_ms, r.reservation_id)
+        else:
+            self._zrem(f"{t}:ttl", r.reservation_id)
+            self._expired.add(r.reservation_id)
+
+    def _touched_tenants(self) -> set[str]:
+        return {_slot_of(k)[3:-1] for k in self._read} | {_slot_of(k)[3:-1] for k in self._writes}
+
+    def due_reservations(self, now_ms: int, limit: int) -> list[ReservationRecord]:
+        """Due holds of the tenants this transaction works on; of every tenant when it has touched none yet (a
+        read, or the sweeper)."""
+        tenants = sorted(self._touched_tenants()) or self._all_tenants()
+        skip = len(self._expired)
+        with self._store.errors():
+            pipe = self._r.pipeline(transaction=False)
+            for t in tenants:
+                pipe.zrangebyscore(f"{tag(t)}:ttl", "-inf", f"({now_ms}", start=0, num=limit + skip)
+            answers = pipe.execute()
+        due: list[ReservationRecord] = []
+        for t, ids in zip(tenants, answers, strict=True):
+            ids = [i for i in ids if i not in self._expired]
+            due += [r for r in self._reservations(t, ids) if r.status == "ACTIVE"]
+            if len(due) >= limit:
+                break
+        return due[:limit]
+
+    def active_reservations(self, tenant: str) -> list[ReservationRecord]:
+        with self._store.errors():
+            ids = self._r.zrange(f"{tag(tenant)}:ttl", 0, -1)
+        return [r for r in self._reservations(tenant, ids) if r.status == "ACTIVE"]
+
+    def query_reservations(
+        self, flt: ReservationFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[ReservationRecord]:
+        with self._store.errors():
+            ids = self._r.zrange(f"{tag(flt.tenant)}:res", 0, -1)
+        rows = []
+        for start in range(0, len(ids), 500):
+            for r in self._reservations(flt.tenant, ids[start : start + 500]):
+                if _matches(r, flt):
+                    rows.append(r)
+        column = "estimate" if sort_by == "reserved" else sort_by
+        rows.sort(key=lambda r: (getattr(r, column), r.reservation_id), reverse=descending)
+        if after is not None:
+            position = tuple(after)
+            if descending:
+                rows = [r for r in rows if (getattr(r, column), r.reservation_id) < position]
+            else:
+                rows = [r for r in rows if (getattr(r, column), r.reservation_id) > position]
+        return rows[:limit]
+
+    # ----------------------------------------------------------------------------------------------------- events
+    def insert_event(self, e: EventRecord) -> None:
+        key = f"{tag(e.tenant)}:e:{e.event_id}"
+        self._inserted.add(key)
+        self._put(key, e, _EVENT)
+
+    # --------------------------------------------------------------------------------------------------- policies
+    def policies(self, tenant_id: str) -> list[PolicyRecord]:
+        key = tag(tenant_id) + ":policies"
+        if key not in self._objects:
+            (data,) = self._get([key])
+            self._objects[key] = [PolicyRecord(**p) for p in from_json(data)] if data is not None else []
+        return self._objects[key]
+
+    def get_policy(self, policy_id: str) -> PolicyRecord | None:
+        tenant = self._pointer("cycles:pid:" + policy_id)
+        if tenant is None:
+            return None
+        return next((p for p in self.policies(tenant) if p.policy_id == policy_id), None)
+
+    def put_policy(self, p: PolicyRecord) -> None:
+        found = [q for q in self.policies(p.tenant_id) if q.policy_id != p.policy_id] + [p]
+        found.sort(key=lambda q: (-q.priority, -q.created_at_ms, q.policy_id))  # SQLite's order
+        key = tag(p.tenant_id) + ":policies"
+        self._put(key, [{n: getattr(q, n) for n in _POLICY} for q in found], None)
+        self._objects[key] = found
+        self._set_pointer("cycles:pid:" + p.policy_id, p.tenant_id)
+
+    # --------------------------------------------------------------------------------------------------- api keys
+    def insert_key(self, k: ApiKeyRecord) -> None:
+        key = f"{tag(k.tenant_id)}:k:{k.key_id}"
+        self._inserted.add(key)
+        self._put(key, k, _KEY)
+        self._zadd(f"{tag(k.tenant_id)}:keys", 0, k.key_id)
+        self._set_pointer("cycles:kid:" + k.key_id, k.tenant_id)
+        self._set_pointer("cycles:kh:" + k.key_hash, f"{k.tenant_id}\0{k.key_id}")
+
+    def _keys(self, tenant: str, ids: Sequence[str]) -> list[ApiKeyRecord]:
+        found = self._load([f"{tag(tenant)}:k:{i}" for i in ids], lambda d: ApiKeyRecord(**d))
+        return [k for k in found if k is not None]
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        tenant = self._pointer("cycles:kid:" + key_id)
+        found = self._keys(tenant, [key_id]) if tenant is not None else []
+        return found[0] if found else None
+
+    def get_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        pointer = self._pointer("cycles:kh:" + key_hash)
+        if pointer is None:
+            return None
+        tenant, key_id = pointer.split("\0")
+        found = self._keys(tenant, [key_id])
+        return found[0] if found and found[0].key_hash == key_hash else None
+
+    def save_key(self, k: ApiKeyRecord) -> None:
+        self._put(f"{tag(k.tenant_id)}:k:{k.key_id}", k, _KEY)
+
+    def list_keys(self, tenant_id: str | None, after: str | None, limit: int) -> list[ApiKeyRecord]:
+        tenants = [tenant_id] if tenant_id is not None else self._all_tenants()
+        rows = sorted((m, t) for t, m in self._index_members(tenants, "keys") if after is None or m > after)[:limit]
+        found = []
+        for key_id, t in rows:
+            found += self._keys(t, [key_id])
+        return found
+
+
+def _matches(r: ReservationRecord, flt: ReservationFilter) -> bool:
+    subject = r.subject
+    for level, value in flt.levels.items():
+        if level != "tenant" and subject.get(level) != value:
+            return False
+    if flt.idempotency_key is not None and r.idempotency_key != flt.idempotency_key:
+        return False
+    if flt.status is not None and r.status != flt.status:
+        return False
+    for value, (low, high) in (
+        (r.created_at_ms, flt.created),
+        (r.expires_at_ms, flt.expires),
+        (r.finalized_at_ms, flt.finalized),
+    ):
+        if (low is not None or high is not None) and value is None:
+            return False
+        if (low is not None and value < low) or (high is not None and value > high):  # type: ignore[operator]
+            return False
+    return True
+
+
+class RedisStore:
+    """A Redis (or Redis Cluster) keyspace holding every ledger record; see the module docstring.
+
+    `client` is a redis-py `Redis` or `RedisCluster` built with `decode_responses=True`.
+    """
+
+    def __init__(self, client: Any, url: str = "redis://") -> None:
+        if redis is None:  # pragma: no cover
+            raise InvalidRequest("the redis store needs redis-py: pip install 'cycles[redis]'")
+        self.redis = client
+        self.url = url
+        self.cluster = type(client).__name__ == "RedisCluster"
+        self.cache: dict[str, tuple[str, str | None]] = {}
+        self.pointers: dict[str, str] = {}
+        self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
+        self._offset_ms = 0.0
+        self._sampled = -1e9
+        self._lock = threading.Lock()
+        self.load_scripts()
+
+    # --------------------------------------------------------------------------------------------- connection
+    def errors(self) -> _Unavailable:
+        return _Unavailable(self)
+
+    def load_scripts(self) -> None:
+        with self.errors():
+            if self.cluster:
+                self.commit_sha = self.redis.script_load(COMMIT)  # redis-py loads it on every primary
+                self.lease_sha = self.redis.script_load(LEASE)
+            else:
+                self.commit_sha = self.redis.script_load(COMMIT)
+                self.lease_sha = self.redis.script_load(LEASE)
+
+    def now_ms(self) -> int:
+        """Redis's clock, sampled every few seconds and advanced by the local monotonic clock meanwhile."""
+        mono = time.monotonic()
+        if mono - self._sampled > CLOCK_RESAMPLE_S:
+            with self.errors():
+                seconds, micros = self.redis.time()
+            after = time.monotonic()
+            self._offset_ms = seconds * 1000 + micros / 1000 - (mono + after) * 500
+            self._sampled = mono = after
+        return int(mono * 1000 + self._offset_ms)
+
+    # ------------------------------------------------------------------------------------------ transactions
+    def transaction(self, *, readonly: bool = False) -> _Atomic:
+        return _Atomic(self)
+
+    def batch(self) -> _NoBatch:
+        """Each Redis transaction commits on its own (one script): a batch groups nothing."""
+        return _NoBatch()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # -------------------------------------------------------------------------------------------- global keys
+    def remember_pointer(self, pointer: str, value: str) -> None:
+        if len(self.pointers) > CACHE_LIMIT:
+            self.pointers.clear()
+        self.pointers[pointer] = value
+
+    def set_pointers(self, pointers: dict[str, str], *, groups_follow: bool) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for pointer, value in pointers.items():
+            pipe.set(pointer, value)
+        pipe.execute()
+        for pointer, value in pointers.items():
+            self.remember_pointer(pointer, value)
+
+    def forget_pointers(self, pointers: dict[str, str]) -> None:
+        """A transaction that set them did not commit: drop them (best effort; a pointer to nothing is harmless)."""
+        for pointer in pointers:
+            self.pointers.pop(pointer, None)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for pointer in pointers:
+                pipe.delete(pointer)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            pass
+
+    def index_tenants(self, tenants: set[str]) -> None:
+        new = tenants - self._indexed
+        if new:
+            self.redis.zadd(TENANTS, {t: 0 for t in new})
+            self._indexed |= new
+
+    # -------------------------------------------------------------------------------------------------- lease
+    def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take or extend the lease `name` for `owner`; True while this owner holds it."""
+        with self.errors():
+            return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+
+    def drop_lease(self, name: str, owner: str) -> None:
+        with self.errors():
+            self.redis.eval(UNLEASE, 1, "cycles:lease:" + name, owner)
+
+
+class _Unavailable:
+    """Redis unreachable or too slow: StoreUnavailable (503), and forget what may have changed meanwhile."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            self._store.cache.clear()
+            self._store._indexed.clear()
+            raise StoreUnavailable(f"the Redis store is unavailable: {type(exc).__name__}: {exc}") from exc
+        if exc is not None and isinstance(exc, redis.exceptions.BusyLoadingError | redis.exceptions.TryAgainError):
+            raise StoreUnavailable(f"the Redis store is not ready: {exc}") from exc
+
+
+class _Atomic:
+    __slots__ = ("_store", "_tx")
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> RedisTransaction:
+        self._tx = RedisTransaction(self._store)
+        return self._tx
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        from ..errors import CyclesError
+
+        if exc_type is None:
+            self._tx._commit(check_only=False)
+        elif issubclass(exc_type, CyclesError) and not isinstance(exc, StoreUnavailable):
+            self._tx._commit(check_only=True)  # a refusal resting on a stale record is no refusal: run again
+
+
+class _NoBatch:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def open_redis(url: str) -> RedisStore:
+    """`redis://host:port/0` (also rediss:// and unix://); `redis+cluster://host:port` for a Redis Cluster."""
+    if redis is None:
+        raise InvalidRequest("the redis store needs redis-py: pip install 'cycles[redis]'")
+    options = {"decode_responses": True, "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import RedisCluster
+
+        client = RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
+    else:
+        client = redis.Redis.from_url(url, health_check_interval=30, **options)
+    return RedisStore(client, url)
