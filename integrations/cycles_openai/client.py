@@ -132,17 +132,18 @@ class Settings:
         return call, key
 
 
-def _prepare(settings: Settings, options: Any, stream: bool) -> tuple[ModelCall | None, Any, str | None, bool]:
-    """The call of a request (None for a route we do not guard), and the key of its output limit."""
+def _prepare(settings: Settings, options: Any, stream: bool) -> tuple[ModelCall | None, str | None, bool]:
+    """The call a request makes (None for a route we do not guard), the key of its output limit, and whether the
+    stream's usage chunk is ours to ask for (and hide)."""
     route = options.url
     if route not in ROUTES or options.method != "post":
-        return None, options, None, False
+        return None, None, False
     body = body_of(options)
     if body is None:
-        return None, options, None, False
+        return None, None, False
     call, key = settings.call(route, body)
     hide = stream and settings.include_usage and route in USAGE_STREAMS and _asks_no_usage(body)
-    return call, options, key, hide
+    return call, key, hide
 
 
 def _asks_no_usage(body: Mapping[str, Any]) -> bool:
@@ -183,12 +184,13 @@ def _background(options: Any, answer: Any) -> bool:
 class _Watch:
     """What a stream has shown of its call, between the SDK's iterator and the caller."""
 
-    __slots__ = ("call", "hide", "busy", "failure")
+    __slots__ = ("call", "hide", "busy", "ended", "failure")
 
     def __init__(self, call: ModelCall, hide: bool) -> None:
         self.call = call
         self.hide = hide
         self.busy = False  # inside the SDK's iterator (which closes the response itself when it ends)
+        self.ended = False  # a responses stream's terminal event came: settle now
         self.failure: BaseException | None = None
 
     def see(self, event: Any) -> bool:
@@ -219,6 +221,7 @@ class _Watch:
             response = event.response
             call.output(usage=response.usage)
             call.model_version = response.model
+            self.ended = True
             if kind == "response.failed":
                 self.failure = StreamFailed(getattr(response.error, "message", None) or "response.failed")
         return True
@@ -243,6 +246,8 @@ def _watch(stream: Any, call: ModelCall, hide: bool) -> Any:
                 finally:
                     watch.busy = False
                 if watch.see(event):
+                    if watch.ended:
+                        call.finish(watch.failure)
                     yield event
         except BaseException as exc:  # GeneratorExit: closed early, or dropped
             failure = exc
@@ -279,6 +284,8 @@ def _awatch(stream: Any, call: ModelCall, hide: bool) -> Any:
                 finally:
                     watch.busy = False
                 if watch.see(event):
+                    if watch.ended:
+                        await call.afinish(watch.failure)
                     yield event
         except BaseException as exc:
             failure = exc
@@ -370,20 +377,36 @@ async def _asettle_raw(call: ModelCall, options: Any, raw: Any, stream: bool, hi
     parse, response = raw.parse, raw.http_response
     aclose = response.aclose
 
-    async def parsed(*args: Any, **kwargs: Any) -> Any:
-        out = await parse(*args, **kwargs)
-        if not call.reservation.active or getattr(out, "_cycles_watched", False):
+    def watched(out: Any) -> Any:
+        response.aclose = aclose  # from here the stream settles the call
+        out._cycles_watched = True
+        return _awatch(out, call, hide)
+
+    if isinstance(raw, LegacyAPIResponse):  # `with_raw_response.create(stream=True)`: a sync parse()
+
+        @functools.wraps(parse)
+        def parsed(*args: Any, **kwargs: Any) -> Any:
+            out = parse(*args, **kwargs)
+            if call.reservation.active and isinstance(out, openai.AsyncStream) and not hasattr(out, "_cycles_watched"):
+                return watched(out)
             return out
-        response.aclose = aclose
-        if isinstance(out, openai.AsyncStream):
-            out._cycles_watched = True
-            return _awatch(out, call, hide)
-        observe(call, out)
-        await call.afinish()
-        return out
+
+    else:
+
+        @functools.wraps(parse)
+        async def parsed(*args: Any, **kwargs: Any) -> Any:
+            out = await parse(*args, **kwargs)
+            if not call.reservation.active or hasattr(out, "_cycles_watched"):
+                return out
+            if isinstance(out, openai.AsyncStream):
+                return watched(out)
+            response.aclose = aclose
+            observe(call, out)
+            await call.afinish()
+            return out
 
     async def closed() -> None:
-        await call.afinish(actual=call.estimate.amount)
+        await call.afinish(actual=call.estimate.amount)  # read as bytes, unparsed: the worst case
         await aclose()
 
     raw.parse = parsed
@@ -417,7 +440,7 @@ class _Guarded:
 
 class _GuardedSync(_Guarded):
     def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
-        call, options, key, hide = _prepare(self._cycles, options, stream)
+        call, key, hide = _prepare(self._cycles, options, stream)
         if call is None:
             return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
         call.begin()  # a denial raises here, before anything is sent
@@ -433,7 +456,7 @@ class _GuardedSync(_Guarded):
 
 class _GuardedAsync(_Guarded):
     async def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
-        call, options, key, hide = _prepare(self._cycles, options, stream)
+        call, key, hide = _prepare(self._cycles, options, stream)
         if call is None:
             return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
         await call.abegin()

@@ -498,3 +498,108 @@ def test_guard_rejects_what_is_not_an_openai_client() -> None:
         guard(object())
     with pytest.raises(TypeError):
         guard(openai.OpenAI(api_key="x"), planet="mars")
+
+
+# ------------------------------------------------------------------------------------- streams that end badly
+
+
+@pytest.mark.parametrize("ending", ["incomplete", "failed"])
+def test_responses_stream_settles_on_its_terminal_event(funded: cycles.Client, fake: FakeOpenAI, ending: str) -> None:
+    fake.ending = ending
+    llm = guard(fake.client(), funded)
+    with llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True) as stream:
+        for event in stream:
+            if event.type.startswith("response.") and event.type.endswith(ending):
+                r = one_committed(funded)  # settled at the event, before the caller reads on
+    assert r.committed.amount == billed(fake) > 0
+
+
+def test_responses_stream_failed_without_usage_commits_the_estimate(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    fake.ending, fake.failed_usage = "failed", False
+    llm = guard(fake.client(), funded)
+    events = list(llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True))
+    assert events[-1].type == "response.failed"
+    r = one_committed(funded)  # it produced output before failing: the provider may bill up to the estimate
+    assert r.committed.amount == r.reserved.amount
+
+
+def test_stream_cut_by_the_provider_commits_the_estimate(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    fake.cut_after = 3
+    llm = guard(fake.client(), funded)
+    seen = []
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in llm.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+            seen.append(chunk)
+    assert len(seen) == 3
+    r = one_committed(funded)
+    assert r.committed.amount == r.reserved.amount
+    assert active(funded) == []
+
+
+def test_async_stream_cut_and_cancelled_calls_settle(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    import httpx2
+
+    started = asyncio.Event()
+
+    async def hangs(request: httpx2.Request) -> httpx2.Response:
+        started.set()
+        await asyncio.Event().wait()  # a provider that never answers
+        raise AssertionError("unreachable")
+
+    fake.cut_after = 2
+    llm = guard(fake.async_client(), funded)
+    stuck = guard(
+        openai.AsyncOpenAI(api_key="sk-test", http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(hangs))),
+        funded,
+    )
+
+    async def go() -> None:
+        with pytest.raises(openai.APIConnectionError):
+            async for _ in await llm.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+                pass
+        task = asyncio.create_task(stuck.chat.completions.create(model=MODEL, messages=MESSAGES))
+        await started.wait()
+        assert len(active(funded)) == 1  # held while the request is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    cut, cancelled = sorted(funded.reservations(), key=lambda r: r.status)
+    assert cut.status == "COMMITTED" and cut.committed.amount == cut.reserved.amount
+    assert cancelled.status == "RELEASED"
+
+
+def test_async_raw_and_streaming_responses(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    llm = guard(fake.async_client(), funded)
+
+    async def go() -> None:
+        raw = await llm.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        assert raw.parse().choices[0].message.content == fake.reply
+        raw = await llm.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, stream=True)
+        assert [c.usage async for c in raw.parse()][-1] is None
+        async with llm.chat.completions.with_streaming_response.create(model=MODEL, messages=MESSAGES) as response:
+            assert (await response.parse()).usage is not None
+        async with llm.responses.with_streaming_response.create(model=MODEL, input="hi", stream=True) as response:
+            async for _ in await response.parse():
+                pass
+
+    asyncio.run(go())
+    rs = funded.reservations()
+    assert [r.status for r in rs] == ["COMMITTED"] * 4
+    assert sum(r.committed.amount for r in rs) == billed(fake) == spent(funded)
+
+
+def test_azure_clients_are_guarded_too(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    import httpx2
+
+    azure = openai.AzureOpenAI(
+        api_key="az-test",
+        api_version="2024-10-21",
+        azure_endpoint="https://example.openai.azure.com",
+        http_client=httpx2.Client(transport=fake.transport()),
+    )
+    llm = guard(azure, funded)
+    assert isinstance(llm, openai.AzureOpenAI)
+    llm.with_options(timeout=3).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert one_committed(funded).committed.amount == billed(fake)
