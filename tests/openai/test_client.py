@@ -603,3 +603,20 @@ def test_azure_clients_are_guarded_too(funded: cycles.Client, fake: FakeOpenAI) 
     assert isinstance(llm, openai.AzureOpenAI)
     llm.with_options(timeout=3).chat.completions.create(model=MODEL, messages=MESSAGES)
     assert one_committed(funded).committed.amount == billed(fake)
+
+
+def test_async_retries_hold_once_and_the_original_client_stays_unguarded(
+    funded: cycles.Client, fake: FakeOpenAI
+) -> None:
+    plain = fake.async_client(max_retries=2)
+    llm = guard(plain, funded)
+    fake.fail(1, status=503)
+
+    async def go() -> None:
+        await llm.chat.completions.create(model=MODEL, messages=MESSAGES)
+        await plain.chat.completions.create(model=MODEL, messages=MESSAGES)  # not guarded: no reservation
+
+    asyncio.run(go())
+    assert fake.calls == 3
+    r = one_committed(funded)
+    assert r.committed.amount == cost(fake.billed[0]) == spent(funded)
