@@ -84,6 +84,8 @@ class FakeOpenAI:
             return self.responses(body, n)
         if path.endswith("/embeddings"):
             return self.embeddings(body)
+        if path.endswith("/completions"):
+            return self.completions(body, n)
         return httpx2.Response(404, json={"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
 
     def _bill(self, usage: dict[str, int]) -> None:
@@ -199,6 +201,14 @@ class FakeOpenAI:
             usage = response["usage"] if self.failed_usage else None
             return {**response, "status": "failed", "error": error, "output": [], "usage": usage}
         return response
+
+    def completions(self, body: dict[str, Any], n: int) -> httpx2.Response:
+        """The legacy text completions route."""
+        usage = self.usage_for(body.get("prompt"), self.reply)
+        self._bill(usage)
+        choice = {"index": 0, "text": self.reply, "finish_reason": "stop", "logprobs": None}
+        answer = {"id": f"cmpl-{n}", "object": "text_completion", "created": 1_700_000_000, "model": body["model"]}
+        return httpx2.Response(200, json={**answer, "choices": [choice], "usage": self.chat_usage(usage)})
 
     def embeddings(self, body: dict[str, Any]) -> httpx2.Response:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]

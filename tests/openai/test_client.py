@@ -620,3 +620,18 @@ def test_async_retries_hold_once_and_the_original_client_stays_unguarded(
     assert fake.calls == 3
     r = one_committed(funded)
     assert r.committed.amount == cost(fake.billed[0]) == spent(funded)
+
+
+def test_responses_parse_and_legacy_completions(funded: cycles.Client) -> None:
+    fake = FakeOpenAI(reply='{"topic": "budgets", "verdict": "good"}')
+    llm = guard(fake.client(), funded)
+    parsed = llm.responses.parse(model=MODEL, input="Judge budgets.", text_format=Answer)
+    assert parsed.output_parsed == Answer(topic="budgets", verdict="good")
+    done = llm.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say it.", max_tokens=20)
+    assert done.choices[0].text == fake.reply
+    rs = funded.reservations()
+    assert [r.status for r in rs] == ["COMMITTED"] * 2
+    [legacy] = [r for r in rs if r.action.name == "gpt-3.5-turbo-instruct"]
+    assert legacy.reserved == PRICING.estimate("gpt-3.5-turbo-instruct", prompt="Say it.", max_output_tokens=20)
+    assert legacy.committed.amount == cost(fake.billed[1], "gpt-3.5-turbo-instruct")
+    assert sum(r.committed.amount for r in rs) == spent(funded)
