@@ -215,7 +215,7 @@ class _Watch:
                 call.model_version = event.model
                 return not (self.hide and not choices)
             return True
-        if kind == "response.output_text.delta":
+        if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
             call.output(event.delta)
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             response = event.response

@@ -635,3 +635,19 @@ def test_responses_parse_and_legacy_completions(funded: cycles.Client) -> None:
     assert legacy.reserved == PRICING.estimate("gpt-3.5-turbo-instruct", prompt="Say it.", max_output_tokens=20)
     assert legacy.committed.amount == cost(fake.billed[1], "gpt-3.5-turbo-instruct")
     assert sum(r.committed.amount for r in rs) == spent(funded)
+
+
+def test_shadow_mode_sends_the_call_and_holds_nothing(tmp_path: Any, fake: FakeOpenAI) -> None:
+    store = f"sqlite:///{tmp_path / 'shadow.db'}"
+    admin = cycles.Client(store=store, tenant="acme")
+    admin.budgets.set("tenant:acme", cycles.usd(0.000001))  # far too little
+    shadow = cycles.Client(store=store, tenant="acme", shadow=True)
+    try:
+        answer = guard(fake.client(), shadow).chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert answer.choices[0].message.content == fake.reply  # observed, not enforced: the call ran
+        assert fake.calls == 1
+        assert shadow.stats.shadow_denied == 1
+        assert admin.reservations() == [] and spent(admin) == 0
+    finally:
+        shadow.close()
+        admin.close()
