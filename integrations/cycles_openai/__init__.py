@@ -10,7 +10,7 @@
     client = OpenAI(cycles=Settings(agent="bot"))
 
 Calls are priced with `cycles.pricing` from the answers' `usage`; streams, retries, caps and raw responses are
-described in `cycles_openai.client`. Agents SDK: `cycles_openai.agents` (`CyclesRunHooks`, `budget_guardrail`).
+described in `cycles_openai.client`. Agents SDK: `cycles_openai.agents` (`CyclesRunHooks` and its `tool_guardrail()`).
 """
 
 from cycles.errors import ToolNotAllowed

@@ -22,7 +22,8 @@
   the holds still open (or they expire with their TTL).
 
 Use these hooks *or* a guarded `AsyncOpenAI` client for the agent's model, not both (they would reserve one call
-twice): the hooks work for any model the SDK drives, the client also applies caps to the request it sends.
+twice): the hooks work for any model the SDK drives; only the client can apply ALLOW_WITH_CAPS `max_tokens` and tool
+caps to the request itself (a hook runs after the SDK built it; tool caps are still enforced when a tool starts).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 from openai._compat import model_copy
@@ -45,7 +45,9 @@ from cycles.pricing import Pricing
 
 from ._requests import ROUTES, USAGE_STREAMS, body_of, capped_body, max_tokens_of, observe, prompt_of, token_inputs
 
-__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "guard"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "guard", "openai_pricing"]
+
+C = TypeVar("C", bound="openai.OpenAI | openai.AsyncOpenAI")
 
 
 class StreamFailed(Exception):
@@ -493,7 +495,7 @@ def _guarded_class(cls: type) -> type:
 
 
 def guard(
-    client: Any,
+    client: C,
     cycles_client: Client | None = None,
     *,
     pricing: Pricing | None = None,
@@ -502,7 +504,7 @@ def guard(
     include_usage: bool = True,
     scope: str | None = None,
     **subject: Any,
-) -> Any:
+) -> C:
     """A guarded copy of an `OpenAI` / `AsyncOpenAI` (or subclass, e.g. `AzureOpenAI`) client: same interface, same
     HTTP client and options, every model call reserved first (see the module docstring). The given client is left
     as it was. Arguments as for `Settings`."""

@@ -12,7 +12,14 @@ import pytest
 
 agents = pytest.importorskip("agents", reason="openai-agents is not installed (pip install 'cycles[openai-agents]')")
 
-from agents import Agent, ModelSettings, Runner, ToolInputGuardrailTripwireTriggered, function_tool  # noqa: E402
+from agents import (  # noqa: E402
+    Agent,
+    ModelSettings,
+    Runner,
+    ToolInputGuardrailTripwireTriggered,
+    function_tool,
+    set_tracing_disabled,
+)
 from agents.testing import ModelStep, ScriptedModel, assistant_message  # noqa: E402
 from agents.testing import function_call as call_tool  # noqa: E402
 from agents.usage import Usage  # noqa: E402
@@ -22,6 +29,8 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 
 import cycles  # noqa: E402
 from cycles.pricing import Pricing  # noqa: E402
+
+set_tracing_disabled(True)  # offline: no trace export
 
 MODEL = "gpt-4o-mini"
 PRICING = Pricing(provider="openai")
