@@ -651,3 +651,23 @@ def test_shadow_mode_sends_the_call_and_holds_nothing(tmp_path: Any, fake: FakeO
     finally:
         shadow.close()
         admin.close()
+
+
+def test_sixteen_concurrent_calls_over_a_small_budget_deny_before_sending(
+    funded: cycles.Client, fake: FakeOpenAI
+) -> None:
+    one = PRICING.estimate(MODEL, prompt=MESSAGES).amount
+    funded.budgets.set("tenant:acme/agent:tight", cycles.Amount(unit="USD_MICROCENTS", amount=one + one // 20))
+    llm = guard(fake.async_client(), funded, agent="tight")
+
+    async def go() -> list[Any]:
+        calls = [llm.chat.completions.create(model=MODEL, messages=MESSAGES) for _ in range(16)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(go())
+    denied = [o for o in outcomes if isinstance(o, cycles.BudgetExceeded)]
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(denied) + len(answered) == 16 and denied and answered
+    assert fake.calls == len(answered)  # a denied call never reached the provider
+    assert spent(funded, "tenant:acme/agent:tight") == billed(fake) == spent(funded)
+    assert active(funded) == []
