@@ -15,6 +15,7 @@ described in `cycles_openai.client`. Agents SDK: `cycles_openai.agents` (`Cycles
 
 from cycles.errors import ToolNotAllowed
 
-from .client import AsyncOpenAI, OpenAI, Settings, StreamFailed, guard
+from ._answers import StreamFailed
+from .client import AsyncOpenAI, OpenAI, Settings, guard, openai_pricing
 
-__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "StreamFailed", "ToolNotAllowed", "guard"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "StreamFailed", "ToolNotAllowed", "guard", "openai_pricing"]
