@@ -242,3 +242,13 @@ def test_an_agent_on_a_guarded_client_is_reserved_per_request(funded: cycles.Cli
     assert r.status == "COMMITTED" and r.scope_path == "tenant:acme/agent:bot"
     [u] = fake.billed
     assert r.committed.amount == PRICING.cost(MODEL, {"input_tokens": u["input"], "output_tokens": u["output"]}).amount
+
+
+def test_a_model_reporting_no_usage_commits_its_counted_text(funded: cycles.Client) -> None:
+    text = "A reply whose provider reported no usage at all."
+    model = ScriptedModel([ModelStep(output=[assistant_message(text)])])  # Usage() : nothing reported
+    hooks = CyclesRunHooks(funded, model=MODEL)
+    asyncio.run(Runner.run(Agent(name="bot", model=model), "hi", hooks=hooks))
+    [r] = funded.reservations()
+    out = PRICING.count_tokens(text, MODEL)
+    assert r.committed.amount == PRICING.estimate(MODEL, prompt=["hi"], max_output_tokens=out).amount
