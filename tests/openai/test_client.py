@@ -671,3 +671,16 @@ def test_sixteen_concurrent_calls_over_a_small_budget_deny_before_sending(
     assert fake.calls == len(answered)  # a denied call never reached the provider
     assert spent(funded, "tenant:acme/agent:tight") == billed(fake) == spent(funded)
     assert active(funded) == []
+
+
+def test_commits_carry_tokens_and_the_model_version(recording_client: Any, fake: FakeOpenAI) -> None:
+    client, transport = recording_client
+    client.budgets.set("tenant:acme", cycles.usd(1))
+    llm = guard(fake.client(), client)
+    llm.chat.completions.create(model=MODEL, messages=MESSAGES)
+    list(llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True))
+    for commit, usage in zip(transport.commits, fake.billed, strict=True):
+        assert commit.metrics is not None
+        assert (commit.metrics.tokens_input, commit.metrics.tokens_output) == (usage["input"], usage["output"])
+        assert commit.metrics.model_version == f"{MODEL}-2024-07-18"  # the model the provider says answered
+        assert commit.metrics.latency_ms is not None
