@@ -10,11 +10,12 @@
     client = OpenAI(cycles=Settings(agent="bot"))
 
 Calls are priced with `cycles.pricing` from the answers' `usage`; streams, retries, caps and raw responses are
-described in `cycles_openai.client`. Agents SDK: `cycles_openai.agents` (`CyclesRunHooks`, `budget_guardrail`).
+described in `cycles_openai.client`. Agents SDK: `cycles_openai.agents` (`CyclesRunHooks` and its `tool_guardrail()`).
 """
 
 from cycles.errors import ToolNotAllowed
 
-from .client import AsyncOpenAI, OpenAI, Settings, StreamFailed, guard
+from ._answers import StreamFailed
+from .client import AsyncOpenAI, OpenAI, Settings, guard, openai_pricing
 
-__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "StreamFailed", "ToolNotAllowed", "guard"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "StreamFailed", "ToolNotAllowed", "guard", "openai_pricing"]

@@ -22,7 +22,8 @@
   the holds still open (or they expire with their TTL).
 
 Use these hooks *or* a guarded `AsyncOpenAI` client for the agent's model, not both (they would reserve one call
-twice): the hooks work for any model the SDK drives, the client also applies caps to the request it sends.
+twice): the hooks work for any model the SDK drives; only the client can apply ALLOW_WITH_CAPS `max_tokens` and tool
+caps to the request itself (a hook runs after the SDK built it; tool caps are still enforced when a tool starts).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from cycles.calls import ModelCall, admit_tool, denied_message, handler_subject,
 from cycles.errors import BudgetDenied
 from cycles.pricing import Pricing
 
+from ._requests import answer_text
 from .client import openai_pricing
 
 __all__ = ["CyclesRunHooks"]
@@ -131,7 +133,9 @@ class CyclesRunHooks(RunHooks[Any]):
         if call is None:
             return
         usage = getattr(response, "usage", None)
-        call.output(usage=usage if usage is not None and getattr(usage, "total_tokens", 1) else None)
+        if usage is not None and not getattr(usage, "total_tokens", 1):
+            usage = None  # a model that reports no usage: its output text is counted instead
+        call.output("" if usage else answer_text(response), usage)
         await call.afinish()
 
     # ------------------------------------------------------------------------------------------------- tools
@@ -142,15 +146,7 @@ class CyclesRunHooks(RunHooks[Any]):
         estimate = self._tool_estimate(name)
         if estimate is None:
             return None
-        call_id = getattr(context, "tool_call_id", None) or ""
-        return tool_call(
-            self.client,
-            name,
-            estimate,
-            actual=self.tool_actuals.get(name),
-            subject=self.subject,
-            idempotency_key=f"openai-agents-tool-{call_id}-{id(context):x}" if call_id else None,
-        )
+        return tool_call(self.client, name, estimate, actual=self.tool_actuals.get(name), subject=self.subject)
 
     async def _hold_tool(self, context: Any, name: str) -> None:
         key = (id(context), getattr(context, "tool_call_id", ""))

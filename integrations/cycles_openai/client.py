@@ -30,26 +30,22 @@ A call's lifecycle (`cycles.calls.ModelCall`):
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 from openai._compat import model_copy
-from openai._constants import RAW_RESPONSE_HEADER
-from openai._legacy_response import LegacyAPIResponse
 
 from cycles import Amount, Client, default_client
 from cycles.calls import ModelCall, handler_subject
 from cycles.pricing import Pricing
 
-from ._requests import ROUTES, USAGE_STREAMS, body_of, capped_body, max_tokens_of, observe, prompt_of, token_inputs
+from ._answers import asettle, settle
+from ._requests import ROUTES, USAGE_STREAMS, body_of, capped_body, max_tokens_of, prompt_of, token_inputs
 
-__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "guard"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Settings", "guard", "openai_pricing"]
 
-
-class StreamFailed(Exception):
-    """A responses stream ended with response.failed (settled like a call that failed after producing output)."""
+C = TypeVar("C", bound="openai.OpenAI | openai.AsyncOpenAI")
 
 
 _pricing: Pricing | None = None
@@ -132,17 +128,18 @@ class Settings:
         return call, key
 
 
-def _prepare(settings: Settings, options: Any, stream: bool) -> tuple[ModelCall | None, Any, str | None, bool]:
-    """The call of a request (None for a route we do not guard), and the key of its output limit."""
+def _prepare(settings: Settings, options: Any, stream: bool) -> tuple[ModelCall | None, str | None, bool]:
+    """The call a request makes (None for a route we do not guard), the key of its output limit, and whether the
+    stream's usage chunk is ours to ask for (and hide)."""
     route = options.url
     if route not in ROUTES or options.method != "post":
-        return None, options, None, False
+        return None, None, False
     body = body_of(options)
     if body is None:
-        return None, options, None, False
+        return None, None, False
     call, key = settings.call(route, body)
     hide = stream and settings.include_usage and route in USAGE_STREAMS and _asks_no_usage(body)
-    return call, options, key, hide
+    return call, key, hide
 
 
 def _asks_no_usage(body: Mapping[str, Any]) -> bool:
@@ -164,231 +161,6 @@ def _send_options(options: Any, call: ModelCall, key: str | None, hide: bool) ->
     options.json_data = out
     options.extra_json = None  # merged into the body above
     return options
-
-
-def _reads_later(options: Any, stream: bool) -> bool:
-    """A raw response whose body the caller reads later (`with_streaming_response`)."""
-    headers = options.headers
-    return stream or (isinstance(headers, Mapping) and headers.get(RAW_RESPONSE_HEADER) == "stream")
-
-
-def _background(options: Any, answer: Any) -> bool:
-    body = options.json_data
-    return bool(body.get("background")) and getattr(answer, "status", None) in ("queued", "in_progress")
-
-
-# ---------------------------------------------------------------------------------------------------- streams
-
-
-class _Watch:
-    """What a stream has shown of its call, between the SDK's iterator and the caller."""
-
-    __slots__ = ("call", "hide", "busy", "failure")
-
-    def __init__(self, call: ModelCall, hide: bool) -> None:
-        self.call = call
-        self.hide = hide
-        self.busy = False  # inside the SDK's iterator (which closes the response itself when it ends)
-        self.failure: BaseException | None = None
-
-    def see(self, event: Any) -> bool:
-        """Record an event; False when the caller must not see it (the usage chunk we asked for)."""
-        call = self.call
-        kind = getattr(event, "type", None)
-        if kind is None:  # a chat or completions chunk
-            usage = event.usage
-            choices = event.choices
-            if choices:
-                for choice in choices:
-                    delta = getattr(choice, "delta", None)
-                    if delta is None:
-                        call.output(choice.text or "")
-                        continue
-                    call.output(delta.content or "")
-                    for tool in delta.tool_calls or ():
-                        if tool.function is not None:
-                            call.output(tool.function.arguments or "")
-            if usage is not None:
-                call.output(usage=usage)
-                call.model_version = event.model
-                return not (self.hide and not choices)
-            return True
-        if kind == "response.output_text.delta":
-            call.output(event.delta)
-        elif kind in ("response.completed", "response.incomplete", "response.failed"):
-            response = event.response
-            call.output(usage=response.usage)
-            call.model_version = response.model
-            if kind == "response.failed":
-                self.failure = StreamFailed(getattr(response.error, "message", None) or "response.failed")
-        return True
-
-
-def _watch(stream: Any, call: ModelCall, hide: bool) -> Any:
-    """Settle `call` from a sync `Stream` as it is read, exhausted or closed early; the same object is returned."""
-    watch = _Watch(call, hide)
-    inner = stream._iterator
-    response = stream.response
-    close = response.close
-
-    def events() -> Any:
-        failure: BaseException | None = None
-        try:
-            while True:
-                watch.busy = True
-                try:
-                    event = next(inner)
-                except StopIteration:
-                    break
-                finally:
-                    watch.busy = False
-                if watch.see(event):
-                    yield event
-        except BaseException as exc:  # GeneratorExit: closed early, or dropped
-            failure = exc
-            raise
-        finally:
-            call.finish(failure or watch.failure)
-
-    def closed() -> None:
-        if not watch.busy:  # the caller closed it (the SDK closes it on its last event, before we see the end)
-            call.finish(GeneratorExit())
-        close()
-
-    stream._iterator = events()
-    response.close = closed
-    return stream
-
-
-def _awatch(stream: Any, call: ModelCall, hide: bool) -> Any:
-    """`_watch` for an `AsyncStream`."""
-    watch = _Watch(call, hide)
-    inner = stream._iterator
-    response = stream.response
-    aclose = response.aclose
-
-    async def events() -> Any:
-        failure: BaseException | None = None
-        try:
-            while True:
-                watch.busy = True
-                try:
-                    event = await inner.__anext__()
-                except StopAsyncIteration:
-                    break
-                finally:
-                    watch.busy = False
-                if watch.see(event):
-                    yield event
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            await call.afinish(failure or watch.failure)
-
-    async def closed() -> None:
-        if not watch.busy:
-            await call.afinish(GeneratorExit())
-        await aclose()
-
-    stream._iterator = events()
-    response.aclose = closed
-    return stream
-
-
-# ---------------------------------------------------------------------------------------------------- answers
-
-
-def _settle(call: ModelCall, options: Any, answer: Any, stream: bool, hide: bool) -> Any:
-    """Settle a sync call from what `request()` returned (or hand its stream the job)."""
-    if isinstance(answer, openai.Stream):
-        return _watch(answer, call, hide)
-    if isinstance(answer, (LegacyAPIResponse, openai.APIResponse)):
-        return _settle_raw(call, options, answer, stream, hide)
-    if _background(options, answer):
-        call.finish(actual=call.estimate.amount)
-        return answer
-    observe(call, answer)
-    call.finish()
-    return answer
-
-
-def _settle_raw(call: ModelCall, options: Any, raw: Any, stream: bool, hide: bool) -> Any:
-    if not _reads_later(options, stream):  # the body is read: commit from its JSON
-        try:
-            observe(call, json.loads(raw.http_response.content))
-        except ValueError:
-            pass
-        call.finish()
-        return raw
-    parse, response = raw.parse, raw.http_response
-    close = response.close
-
-    @functools.wraps(parse)
-    def parsed(*args: Any, **kwargs: Any) -> Any:
-        out = parse(*args, **kwargs)
-        if not call.reservation.active or getattr(out, "_cycles_watched", False):  # parsed before
-            return out
-        response.close = close  # from here the stream (or the answer) settles the call
-        if isinstance(out, openai.Stream):
-            out._cycles_watched = True
-            return _watch(out, call, hide)
-        observe(call, out)
-        call.finish()
-        return out
-
-    def closed() -> None:
-        call.finish(actual=call.estimate.amount)  # read as bytes, unparsed: the worst case
-        close()
-
-    raw.parse = parsed
-    response.close = closed
-    return raw
-
-
-async def _asettle(call: ModelCall, options: Any, answer: Any, stream: bool, hide: bool) -> Any:
-    if isinstance(answer, openai.AsyncStream):
-        return _awatch(answer, call, hide)
-    if isinstance(answer, (LegacyAPIResponse, openai.AsyncAPIResponse)):
-        return await _asettle_raw(call, options, answer, stream, hide)
-    if _background(options, answer):
-        await call.afinish(actual=call.estimate.amount)
-        return answer
-    observe(call, answer)
-    await call.afinish()
-    return answer
-
-
-async def _asettle_raw(call: ModelCall, options: Any, raw: Any, stream: bool, hide: bool) -> Any:
-    if not _reads_later(options, stream):
-        try:
-            observe(call, json.loads(raw.http_response.content))
-        except ValueError:
-            pass
-        await call.afinish()
-        return raw
-    parse, response = raw.parse, raw.http_response
-    aclose = response.aclose
-
-    async def parsed(*args: Any, **kwargs: Any) -> Any:
-        out = await parse(*args, **kwargs)
-        if not call.reservation.active or getattr(out, "_cycles_watched", False):
-            return out
-        response.aclose = aclose
-        if isinstance(out, openai.AsyncStream):
-            out._cycles_watched = True
-            return _awatch(out, call, hide)
-        observe(call, out)
-        await call.afinish()
-        return out
-
-    async def closed() -> None:
-        await call.afinish(actual=call.estimate.amount)
-        await aclose()
-
-    raw.parse = parsed
-    response.aclose = closed
-    return raw
 
 
 # ---------------------------------------------------------------------------------------------------- clients
@@ -417,7 +189,7 @@ class _Guarded:
 
 class _GuardedSync(_Guarded):
     def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
-        call, options, key, hide = _prepare(self._cycles, options, stream)
+        call, key, hide = _prepare(self._cycles, options, stream)
         if call is None:
             return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
         call.begin()  # a denial raises here, before anything is sent
@@ -428,12 +200,12 @@ class _GuardedSync(_Guarded):
         except BaseException as exc:
             call.finish(exc)
             raise
-        return _settle(call, options, answer, stream, hide)
+        return settle(call, options, answer, stream, hide)
 
 
 class _GuardedAsync(_Guarded):
     async def request(self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None) -> Any:
-        call, options, key, hide = _prepare(self._cycles, options, stream)
+        call, key, hide = _prepare(self._cycles, options, stream)
         if call is None:
             return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[misc]
         await call.abegin()
@@ -446,7 +218,7 @@ class _GuardedAsync(_Guarded):
         except BaseException as exc:
             await call.afinish(exc)
             raise
-        return await _asettle(call, options, answer, stream, hide)
+        return await asettle(call, options, answer, stream, hide)
 
 
 class OpenAI(_GuardedSync, openai.OpenAI):
@@ -470,7 +242,7 @@ def _guarded_class(cls: type) -> type:
 
 
 def guard(
-    client: Any,
+    client: C,
     cycles_client: Client | None = None,
     *,
     pricing: Pricing | None = None,
@@ -479,7 +251,7 @@ def guard(
     include_usage: bool = True,
     scope: str | None = None,
     **subject: Any,
-) -> Any:
+) -> C:
     """A guarded copy of an `OpenAI` / `AsyncOpenAI` (or subclass, e.g. `AzureOpenAI`) client: same interface, same
     HTTP client and options, every model call reserved first (see the module docstring). The given client is left
     as it was. Arguments as for `Settings`."""

@@ -33,6 +33,9 @@ class FakeOpenAI:
         self.cached = cached
         self.reasoning = reasoning
         self.tool_call: str | None = None
+        self.ending = "completed"  # how a responses stream ends: completed, incomplete or failed
+        self.failed_usage = True  # a failed response still reports what it used
+        self.cut_after: int | None = None  # drop the connection after this many stream events
         self.requests: list[dict[str, Any]] = []  # every JSON body that reached the provider (retries included)
         self.billed: list[dict[str, int]] = []  # usage of every answer it produced
         self._failures: list[int] = []
@@ -74,13 +77,15 @@ class FakeOpenAI:
         if status is not None:
             error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
             return httpx2.Response(status, json=error, headers={"retry-after-ms": "1"})
-        path = request.url.path.removeprefix("/v1")
-        if path == "/chat/completions":
+        path = request.url.path  # /v1/chat/completions, or Azure's /openai/deployments/<model>/chat/completions
+        if path.endswith("/chat/completions"):
             return self.chat(body, n)
-        if path == "/responses":
+        if path.endswith("/responses"):
             return self.responses(body, n)
-        if path == "/embeddings":
+        if path.endswith("/embeddings"):
             return self.embeddings(body)
+        if path.endswith("/completions"):
+            return self.completions(body, n)
         return httpx2.Response(404, json={"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
 
     def _bill(self, usage: dict[str, int]) -> None:
@@ -182,11 +187,28 @@ class FakeOpenAI:
             {"type": "response.output_text.done", **common, "text": self.reply},
             {"type": "response.content_part.done", **common, "part": item["content"][0]},
             {"type": "response.output_item.done", "output_index": 0, "item": item},
-            {"type": "response.completed", "response": response},
+            {"type": f"response.{self.ending}", "response": self._ended(response)},
         ]
         for i, event in enumerate(events):
             event["sequence_number"] = i
         return self._sse(events, lambda: self._bill(usage), named=True)
+
+    def _ended(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.ending == "incomplete":
+            return {**response, "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+        if self.ending == "failed":
+            error = {"code": "server_error", "message": "the model crashed"}
+            usage = response["usage"] if self.failed_usage else None
+            return {**response, "status": "failed", "error": error, "output": [], "usage": usage}
+        return response
+
+    def completions(self, body: dict[str, Any], n: int) -> httpx2.Response:
+        """The legacy text completions route."""
+        usage = self.usage_for(body.get("prompt"), self.reply)
+        self._bill(usage)
+        choice = {"index": 0, "text": self.reply, "finish_reason": "stop", "logprobs": None}
+        answer = {"id": f"cmpl-{n}", "object": "text_completion", "created": 1_700_000_000, "model": body["model"]}
+        return httpx2.Response(200, json={**answer, "choices": [choice], "usage": self.chat_usage(usage)})
 
     def embeddings(self, body: dict[str, Any]) -> httpx2.Response:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
@@ -197,11 +219,16 @@ class FakeOpenAI:
         return httpx2.Response(200, json={"object": "list", "data": data, "model": body["model"], "usage": usage})
 
     def _sse(self, events: list[dict[str, Any]], done: Any, *, named: bool) -> httpx2.Response:
+        cut = self.cut_after
+
         def lines() -> Any:
-            for event in events:
+            for i, event in enumerate(events):
+                if cut is not None and i == cut:
+                    raise httpx2.ReadError("connection reset by peer")
                 prefix = f"event: {event['type']}\n" if named else ""
                 yield f"{prefix}data: {json.dumps(event)}\n\n".encode()
-            done()  # billed once the provider produced every token
+            if self.ending == "completed" or self.failed_usage:
+                done()  # billed once the provider produced every token
             if not named:
                 yield b"data: [DONE]\n\n"
 

@@ -12,15 +12,25 @@ import pytest
 
 agents = pytest.importorskip("agents", reason="openai-agents is not installed (pip install 'cycles[openai-agents]')")
 
-from agents import Agent, ModelSettings, Runner, ToolInputGuardrailTripwireTriggered, function_tool  # noqa: E402
+from agents import (  # noqa: E402
+    Agent,
+    ModelSettings,
+    Runner,
+    ToolInputGuardrailTripwireTriggered,
+    function_tool,
+    set_tracing_disabled,
+)
 from agents.testing import ModelStep, ScriptedModel, assistant_message  # noqa: E402
 from agents.testing import function_call as call_tool  # noqa: E402
 from agents.usage import Usage  # noqa: E402
+from cycles_openai import guard as cycles_guard  # noqa: E402
 from cycles_openai.agents import CyclesRunHooks  # noqa: E402
 from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails  # noqa: E402
 
 import cycles  # noqa: E402
 from cycles.pricing import Pricing  # noqa: E402
+
+set_tracing_disabled(True)  # offline: no trace export
 
 MODEL = "gpt-4o-mini"
 PRICING = Pricing(provider="openai")
@@ -196,3 +206,49 @@ def test_release_open_after_a_model_error(funded: cycles.Client) -> None:
     assert asyncio.run(go()) == 1
     [r] = funded.reservations()
     assert r.status == "RELEASED" and hooks.in_flight() == 0
+
+
+def test_streamed_runs_are_reserved_too(funded: cycles.Client) -> None:
+    steps, usages = script()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    searches = Searches()
+    agent = Agent(name="bot", model=ScriptedModel(steps), tools=[searches.tool()])
+
+    async def go() -> Any:
+        result = Runner.run_streamed(agent, "Tell me about budgets.", hooks=hooks)
+        async for _ in result.stream_events():
+            pass
+        return result.final_output
+
+    assert asyncio.run(go()) == "Budgets keep agents honest."
+    rs = funded.reservations()
+    assert len(rs) == 3 and {r.status for r in rs} == {"COMMITTED"}
+    assert spent(funded) == sum(cost(u) for u in usages) + TOOL_COST.amount
+    assert hooks.in_flight() == 0
+
+
+def test_an_agent_on_a_guarded_client_is_reserved_per_request(funded: cycles.Client) -> None:
+    """No hooks: the agent's model is an OpenAIResponsesModel on a guarded AsyncOpenAI (over the fake provider)."""
+    from agents import OpenAIResponsesModel
+
+    from .fakes import FakeOpenAI
+
+    fake = FakeOpenAI()
+    llm = cycles_guard(fake.async_client(), funded, agent="bot")
+    agent = Agent(name="bot", model=OpenAIResponsesModel(model=MODEL, openai_client=llm))
+    result = asyncio.run(Runner.run(agent, "Tell me about budgets."))
+    assert result.final_output == fake.reply
+    r = funded.reservations()[0]
+    assert r.status == "COMMITTED" and r.scope_path == "tenant:acme/agent:bot"
+    [u] = fake.billed
+    assert r.committed.amount == PRICING.cost(MODEL, {"input_tokens": u["input"], "output_tokens": u["output"]}).amount
+
+
+def test_a_model_reporting_no_usage_commits_its_counted_text(funded: cycles.Client) -> None:
+    text = "A reply whose provider reported no usage at all."
+    model = ScriptedModel([ModelStep(output=[assistant_message(text)])])  # Usage() : nothing reported
+    hooks = CyclesRunHooks(funded, model=MODEL)
+    asyncio.run(Runner.run(Agent(name="bot", model=model), "hi", hooks=hooks))
+    [r] = funded.reservations()
+    out = PRICING.count_tokens(text, MODEL)
+    assert r.committed.amount == PRICING.estimate(MODEL, prompt=["hi"], max_output_tokens=out).amount

@@ -498,3 +498,189 @@ def test_guard_rejects_what_is_not_an_openai_client() -> None:
         guard(object())
     with pytest.raises(TypeError):
         guard(openai.OpenAI(api_key="x"), planet="mars")
+
+
+# ------------------------------------------------------------------------------------- streams that end badly
+
+
+@pytest.mark.parametrize("ending", ["incomplete", "failed"])
+def test_responses_stream_settles_on_its_terminal_event(funded: cycles.Client, fake: FakeOpenAI, ending: str) -> None:
+    fake.ending = ending
+    llm = guard(fake.client(), funded)
+    with llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True) as stream:
+        for event in stream:
+            if event.type.startswith("response.") and event.type.endswith(ending):
+                r = one_committed(funded)  # settled at the event, before the caller reads on
+    assert r.committed.amount == billed(fake) > 0
+
+
+def test_responses_stream_failed_without_usage_commits_the_estimate(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    fake.ending, fake.failed_usage = "failed", False
+    llm = guard(fake.client(), funded)
+    events = list(llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True))
+    assert events[-1].type == "response.failed"
+    r = one_committed(funded)  # it produced output before failing: the provider may bill up to the estimate
+    assert r.committed.amount == r.reserved.amount
+
+
+def test_stream_cut_by_the_provider_commits_the_estimate(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    fake.cut_after = 3
+    llm = guard(fake.client(), funded)
+    seen = []
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in llm.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+            seen.append(chunk)
+    assert len(seen) == 3
+    r = one_committed(funded)
+    assert r.committed.amount == r.reserved.amount
+    assert active(funded) == []
+
+
+def test_async_stream_cut_and_cancelled_calls_settle(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    import httpx2
+
+    started = asyncio.Event()
+
+    async def hangs(request: httpx2.Request) -> httpx2.Response:
+        started.set()
+        await asyncio.Event().wait()  # a provider that never answers
+        raise AssertionError("unreachable")
+
+    fake.cut_after = 2
+    llm = guard(fake.async_client(), funded)
+    stuck = guard(
+        openai.AsyncOpenAI(api_key="sk-test", http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(hangs))),
+        funded,
+    )
+
+    async def go() -> None:
+        with pytest.raises(openai.APIConnectionError):
+            async for _ in await llm.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+                pass
+        task = asyncio.create_task(stuck.chat.completions.create(model=MODEL, messages=MESSAGES))
+        await started.wait()
+        assert len(active(funded)) == 1  # held while the request is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    cut, cancelled = sorted(funded.reservations(), key=lambda r: r.status)
+    assert cut.status == "COMMITTED" and cut.committed.amount == cut.reserved.amount
+    assert cancelled.status == "RELEASED"
+
+
+def test_async_raw_and_streaming_responses(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    llm = guard(fake.async_client(), funded)
+
+    async def go() -> None:
+        raw = await llm.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
+        assert raw.parse().choices[0].message.content == fake.reply
+        raw = await llm.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, stream=True)
+        assert [c.usage async for c in raw.parse()][-1] is None
+        async with llm.chat.completions.with_streaming_response.create(model=MODEL, messages=MESSAGES) as response:
+            assert (await response.parse()).usage is not None
+        async with llm.responses.with_streaming_response.create(model=MODEL, input="hi", stream=True) as response:
+            async for _ in await response.parse():
+                pass
+
+    asyncio.run(go())
+    rs = funded.reservations()
+    assert [r.status for r in rs] == ["COMMITTED"] * 4
+    assert sum(r.committed.amount for r in rs) == billed(fake) == spent(funded)
+
+
+def test_azure_clients_are_guarded_too(funded: cycles.Client, fake: FakeOpenAI) -> None:
+    import httpx2
+
+    azure = openai.AzureOpenAI(
+        api_key="az-test",
+        api_version="2024-10-21",
+        azure_endpoint="https://example.openai.azure.com",
+        http_client=httpx2.Client(transport=fake.transport()),
+    )
+    llm = guard(azure, funded)
+    assert isinstance(llm, openai.AzureOpenAI)
+    llm.with_options(timeout=3).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert one_committed(funded).committed.amount == billed(fake)
+
+
+def test_async_retries_hold_once_and_the_original_client_stays_unguarded(
+    funded: cycles.Client, fake: FakeOpenAI
+) -> None:
+    plain = fake.async_client(max_retries=2)
+    llm = guard(plain, funded)
+    fake.fail(1, status=503)
+
+    async def go() -> None:
+        await llm.chat.completions.create(model=MODEL, messages=MESSAGES)
+        await plain.chat.completions.create(model=MODEL, messages=MESSAGES)  # not guarded: no reservation
+
+    asyncio.run(go())
+    assert fake.calls == 3
+    r = one_committed(funded)
+    assert r.committed.amount == cost(fake.billed[0]) == spent(funded)
+
+
+def test_responses_parse_and_legacy_completions(funded: cycles.Client) -> None:
+    fake = FakeOpenAI(reply='{"topic": "budgets", "verdict": "good"}')
+    llm = guard(fake.client(), funded)
+    parsed = llm.responses.parse(model=MODEL, input="Judge budgets.", text_format=Answer)
+    assert parsed.output_parsed == Answer(topic="budgets", verdict="good")
+    done = llm.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say it.", max_tokens=20)
+    assert done.choices[0].text == fake.reply
+    rs = funded.reservations()
+    assert [r.status for r in rs] == ["COMMITTED"] * 2
+    [legacy] = [r for r in rs if r.action.name == "gpt-3.5-turbo-instruct"]
+    assert legacy.reserved == PRICING.estimate("gpt-3.5-turbo-instruct", prompt="Say it.", max_output_tokens=20)
+    assert legacy.committed.amount == cost(fake.billed[1], "gpt-3.5-turbo-instruct")
+    assert sum(r.committed.amount for r in rs) == spent(funded)
+
+
+def test_shadow_mode_sends_the_call_and_holds_nothing(tmp_path: Any, fake: FakeOpenAI) -> None:
+    store = f"sqlite:///{tmp_path / 'shadow.db'}"
+    admin = cycles.Client(store=store, tenant="acme")
+    admin.budgets.set("tenant:acme", cycles.usd(0.000001))  # far too little
+    shadow = cycles.Client(store=store, tenant="acme", shadow=True)
+    try:
+        answer = guard(fake.client(), shadow).chat.completions.create(model=MODEL, messages=MESSAGES)
+        assert answer.choices[0].message.content == fake.reply  # observed, not enforced: the call ran
+        assert fake.calls == 1
+        assert shadow.stats.shadow_denied == 1
+        assert admin.reservations() == [] and spent(admin) == 0
+    finally:
+        shadow.close()
+        admin.close()
+
+
+def test_sixteen_concurrent_calls_over_a_small_budget_deny_before_sending(
+    funded: cycles.Client, fake: FakeOpenAI
+) -> None:
+    one = PRICING.estimate(MODEL, prompt=MESSAGES).amount
+    funded.budgets.set("tenant:acme/agent:tight", cycles.Amount(unit="USD_MICROCENTS", amount=one + one // 20))
+    llm = guard(fake.async_client(), funded, agent="tight")
+
+    async def go() -> list[Any]:
+        calls = [llm.chat.completions.create(model=MODEL, messages=MESSAGES) for _ in range(16)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(go())
+    denied = [o for o in outcomes if isinstance(o, cycles.BudgetExceeded)]
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(denied) + len(answered) == 16 and denied and answered
+    assert fake.calls == len(answered)  # a denied call never reached the provider
+    assert spent(funded, "tenant:acme/agent:tight") == billed(fake) == spent(funded)
+    assert active(funded) == []
+
+
+def test_commits_carry_tokens_and_the_model_version(recording_client: Any, fake: FakeOpenAI) -> None:
+    client, transport = recording_client
+    client.budgets.set("tenant:acme", cycles.usd(1))
+    llm = guard(fake.client(), client)
+    llm.chat.completions.create(model=MODEL, messages=MESSAGES)
+    list(llm.responses.create(model=MODEL, input="Tell me about budgets.", stream=True))
+    for commit, usage in zip(transport.commits, fake.billed, strict=True):
+        assert commit.metrics is not None
+        assert (commit.metrics.tokens_input, commit.metrics.tokens_output) == (usage["input"], usage["output"])
+        assert commit.metrics.model_version == f"{MODEL}-2024-07-18"  # the model the provider says answered
+        assert commit.metrics.latency_ms is not None
