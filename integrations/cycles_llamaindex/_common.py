@@ -47,13 +47,17 @@ def max_output_tokens(kwargs: Mapping[str, Any] | None, serialized: Mapping[str,
 def response_usage(response: Any) -> TokenUsage:
     """A ChatResponse's / CompletionResponse's usage: its `raw` usage or its `additional_kwargs` token counts (what
     LlamaIndex's provider integrations fill), else its message's `additional_kwargs` (where a CustomLLM's chat,
-    built from its completion, carries them)."""
-    usage = normalize_usage(response)
-    if not usage:
-        message = getattr(response, "message", None)
-        if message is not None and message.additional_kwargs:
-            usage = normalize_usage(message.additional_kwargs)
-    return usage
+    built from its completion, carries them). Read field by field: looking a missing name up on a pydantic response
+    costs microseconds."""
+    raw = response.raw
+    if raw is not None and (usage := normalize_usage(raw)):
+        return usage
+    if response.additional_kwargs and (usage := normalize_usage(response.additional_kwargs)):
+        return usage
+    message = getattr(response, "message", None)
+    if message is not None and message.additional_kwargs:
+        return normalize_usage(message.additional_kwargs)
+    return TokenUsage()
 
 
 def response_text(response: Any) -> str:
