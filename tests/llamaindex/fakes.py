@@ -4,8 +4,10 @@ count the calls that reached the "provider". Only the provider is fake; everythi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
@@ -49,6 +51,7 @@ class UsageLLM(FunctionCallingLLM):
     fixed_usage: dict[str, int] | None = None  # report this usage on every call (else it grows with the prompt)
     fail: bool = False  # the provider fails (after being called)
     report: bool = True  # False: a provider that reports no usage at all
+    delay: float = 0.0  # seconds achat, or a stream before its first chunk, waits
 
     _calls: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # kwargs of every call the provider saw
     _usages: list[dict[str, int]] = PrivateAttr(default_factory=list)  # usage reported per completed call
@@ -117,6 +120,8 @@ class UsageLLM(FunctionCallingLLM):
     ) -> Generator[tuple[str, str, dict[str, int], dict[str, Any]]]:
         """(delta, text so far, usage so far, message extras): one chunk a word; the last carries the tool calls."""
         text, calls, usage = self._answer(prompt, kwargs)
+        if self.delay:
+            time.sleep(self.delay)
         parts = [word if i == 0 else " " + word for i, word in enumerate(text.split())] or [""]
         said = ""
         for i, delta in enumerate(parts):
@@ -132,6 +137,8 @@ class UsageLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return self._chat(messages, kwargs)
 
     @llm_chat_callback()
