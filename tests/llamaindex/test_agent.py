@@ -73,13 +73,17 @@ def budget_for(calls: int) -> int:
     return calls * (A + T.amount) + E.amount - 1
 
 
+@pytest.mark.parametrize("streaming", [True, False], ids=["astream_chat", "achat"])
 @pytest.mark.parametrize("calls", [1, 4])
-async def test_agent_stops_after_exactly_the_calls_the_budget_allows(client: cycles.Client, calls: int) -> None:
+async def test_agent_stops_after_exactly_the_calls_the_budget_allows(
+    client: cycles.Client, calls: int, streaming: bool
+) -> None:
     client.budgets.set("tenant:acme", cycles.usd(1))
     client.budgets.set("tenant:acme/agent:bot", cycles.Amount(unit="USD_MICROCENTS", amount=budget_for(calls)))
     client.budgets.set("tenant:acme/agent:bot/toolset:search", cycles.usd(1))
     tools = Tools()
     agent, model, handler = agent_for(client, [guard_tool(tools.search, estimate=T, client=client)])
+    agent.streaming = streaming
 
     with cycles.scope(agent="bot"), pytest.raises(cycles.BudgetExceeded) as denied:
         await run_agent(agent)
