@@ -267,8 +267,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if response is None:
             response = payload.get(EventPayload.COMPLETION)
         if response is not None:
-            # a stream's chunks brought their text already; its last response carries the usage
-            call.output("" if call.produced else response_text(response), response_usage(response))
+            # the text is only counted when no usage is reported (a stream's chunks brought theirs already)
+            usage = response_usage(response)
+            call.output("" if usage or call.produced else response_text(response), usage)
             raw = getattr(response, "raw", None)
             version = raw.get("model") if isinstance(raw, dict) else getattr(raw, "model", None)
             if isinstance(version, str):
