@@ -28,6 +28,10 @@ The subject of a call, most specific last: the client's defaults, the ambient `c
 keyword arguments, and LlamaIndex's `instrument_tags({...})` (`cycles_<level>` keys such as `{"cycles_agent": "bot"}`,
 `cycles_scope`, `cycles_dimensions`). Inside `cycles.run(limit=...)` (or a guarded tool) calls draw from that hold.
 
+Agents: FunctionAgent / AgentWorkflow turn a tool's exception into text and carry on, so a `guard_tool` denied with
+`on_denied="stop"` (the default) marks its error output, and the handler raises that denial at the agent's next
+model call, before it is made (see `cycles_llamaindex.tools`).
+
 Caps: ALLOW_WITH_CAPS `max_tokens` is applied to the request (LlamaIndex passes the call's keyword arguments to the
 provider after the start event, so the handler lowers `max_tokens` there), and tool schemas the caps' allow/deny
 lists exclude are taken out of the request's `tools`.

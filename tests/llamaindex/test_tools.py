@@ -11,6 +11,7 @@ from cycles_llamaindex import CyclesCallbackHandler, GuardedTool, ToolNotAllowed
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.llms import ChatMessage
+from llama_index.core.storage.kvstore import SimpleKVStore
 from llama_index.core.tools import BaseTool, FunctionTool, ToolMetadata, ToolOutput
 
 import cycles
@@ -226,3 +227,11 @@ def test_embedding_denied_before_the_provider_and_failures_release(client: cycle
     with pytest.raises(ConnectionError):
         guard_embedding(Broken(embed_dim=8), client=client, unit="TOKENS").get_query_embedding("hi")
     assert [r.status for r in client.reservations()] == ["RELEASED"]
+
+
+def test_a_cached_embedding_is_neither_embedded_nor_reserved(funded: cycles.Client) -> None:
+    model = CountingEmbedding(embed_dim=8, embeddings_cache=SimpleKVStore())
+    embed = guard_embedding(model, client=funded, pricing=EMBED_PRICING, tokens=model.tokens)
+    first = embed.get_query_embedding("the same question")
+    assert embed.get_query_embedding("the same question") == first
+    assert len(model.batches) == len(funded.reservations()) == 1
