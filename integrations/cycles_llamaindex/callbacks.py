@@ -211,7 +211,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
             call = outer[1].call
             if not call.produced and call.reservation.active:
                 return True
-        for flight, _ in self._calls.values():
+        for flight, _ in tuple(self._calls.values()):  # a snapshot: other threads start and end calls meanwhile
             if (
                 flight.stream is not None
                 and flight.model == model

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -329,6 +330,16 @@ async def test_16_concurrent_achat_no_collisions_exact_spend(funded: cycles.Clie
     assert sorted(r.committed.amount for r in reservations) == sorted(cost(u) for u in llm.usages)
     assert spent(funded) == billed(llm)
     assert h.in_flight() == 0
+
+
+def test_16_calls_from_threads_no_collisions_exact_spend(funded: cycles.Client) -> None:
+    llm, h = guarded(funded)
+    prompts = [[ChatMessage(role="user", content="threaded " + "w " * i)] for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: _drain(llm.stream_chat(p)) if len(p[0].content) % 2 else llm.chat(p), prompts))
+    reservations = funded.reservations()
+    assert len(reservations) == llm.calls == 16 and {r.status for r in reservations} == {"COMMITTED"}
+    assert spent(funded) == billed(llm) and h.in_flight() == 0
 
 
 async def test_concurrent_astreams_are_settled_each_with_its_own_usage(funded: cycles.Client) -> None:
