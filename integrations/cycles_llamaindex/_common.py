@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatInProgressEvent, LLMCompletionInProgressEvent
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 
 from cycles.calls import max_tokens_from
 from cycles.errors import BudgetDenied
@@ -47,13 +49,17 @@ def max_output_tokens(kwargs: Mapping[str, Any] | None, serialized: Mapping[str,
 def response_usage(response: Any) -> TokenUsage:
     """A ChatResponse's / CompletionResponse's usage: its `raw` usage or its `additional_kwargs` token counts (what
     LlamaIndex's provider integrations fill), else its message's `additional_kwargs` (where a CustomLLM's chat,
-    built from its completion, carries them)."""
-    usage = normalize_usage(response)
-    if not usage:
-        message = getattr(response, "message", None)
-        if message is not None and message.additional_kwargs:
-            usage = normalize_usage(message.additional_kwargs)
-    return usage
+    built from its completion, carries them). Read field by field: looking a missing name up on a pydantic response
+    costs microseconds."""
+    raw = response.raw
+    if raw is not None and (usage := normalize_usage(raw)):
+        return usage
+    if response.additional_kwargs and (usage := normalize_usage(response.additional_kwargs)):
+        return usage
+    message = getattr(response, "message", None)
+    if message is not None and message.additional_kwargs:
+        return normalize_usage(message.additional_kwargs)
+    return TokenUsage()
 
 
 def response_text(response: Any) -> str:
@@ -69,10 +75,34 @@ def response_text(response: Any) -> str:
 # --------------------------------------------------------------------------------------------------- streams
 
 
-# The legacy callbacks see a stream's start and its end only; its chunks are reported by the instrumentation
-# dispatcher, keyed by the span of the LLM method (the span that is active when the callback starts). A call is
-# registered here for as long as it is in flight, so a stream cut short commits the usage its chunks reported.
-in_flight: dict[str, ModelCall] = {}
+class Flight:
+    """A call in flight, by the span of its LLM method (the span active when the callback starts): the legacy
+    callbacks see a stream's start and end only, so its chunks (reported by the instrumentation dispatcher, keyed
+    by that span) are fed to the call here, and a stream cut short commits the usage they reported. `stream` is the
+    generator the method returned (the span's result), to tell when the LLM calls itself while it is iterated."""
+
+    __slots__ = ("call", "model", "stream")
+
+    def __init__(self, call: ModelCall, model: str) -> None:
+        self.call = call
+        self.model = model
+        self.stream: Any = None
+
+    def iterating_here(self) -> bool:
+        """Its stream is running in this thread, below the caller (a call starting now is made from inside it)."""
+        stream = self.stream
+        frame = getattr(stream, "gi_frame", None) or getattr(stream, "ag_frame", None)
+        if frame is None:  # no stream, or one that has finished
+            return False
+        caller = sys._getframe(1)
+        while caller is not None:
+            if caller is frame:
+                return True
+            caller = caller.f_back
+        return False
+
+
+in_flight: dict[str, Flight] = {}
 
 _lock = threading.Lock()
 _listening = False
@@ -87,19 +117,48 @@ class StreamProgress(BaseEventHandler):
         return "CyclesStreamProgress"
 
     def handle(self, event: Any, **kwargs: Any) -> None:
-        if type(event) in _PROGRESS and (call := in_flight.get(event.span_id)) is not None:  # type: ignore[arg-type]
+        if type(event) in _PROGRESS and (flight := in_flight.get(event.span_id)) is not None:  # type: ignore[arg-type]
             response = event.response
-            call.output(response.delta or "", response_usage(response))
+            flight.call.output(response.delta or "", response_usage(response))
+
+
+class StreamSpans(BaseSpanHandler[Any]):
+    """Keeps the generator an LLM method in flight returned (the only place LlamaIndex hands it out)."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "CyclesStreamSpans"
+
+    def span_enter(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def span_exit(self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any) -> None:
+        if (flight := in_flight.get(id_)) is not None and isinstance(result, (Generator, AsyncGenerator)):
+            flight.stream = result
+
+    def span_drop(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def new_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def listen_to_streams() -> None:
-    """Put one StreamProgress on the root dispatcher (once per process)."""
+    """Put one StreamProgress and one StreamSpans on the root dispatcher (once per process)."""
     global _listening
     if _listening:
         return
     with _lock:
         if not _listening:
-            get_dispatcher().add_event_handler(StreamProgress())
+            root = get_dispatcher()
+            root.add_event_handler(StreamProgress())
+            root.add_span_handler(StreamSpans())
             _listening = True
 
 

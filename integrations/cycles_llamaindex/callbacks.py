@@ -19,12 +19,18 @@ iterated gets no end event from LlamaIndex: its hold expires with its TTL (the h
 tenant's maximum number of extensions).
 
 Calls are keyed by LlamaIndex's event id, so parallel calls never collide. An LLM that delegates to itself (a
-`CustomLLM`'s `chat` calls its `complete`) reports two LLM events for one provider call: the inner one, started
-before the outer produced anything, is recognised and not reserved again.
+`CustomLLM`'s `chat` calls its `complete`, its `astream_chat` its `stream_chat`) reports two or three LLM events for
+one provider call: an event of the same model that starts inside an unanswered call (within its trace, or from
+inside its stream in the same thread) is that call's own and is not reserved again; streams started side by side
+before any is read are each reserved.
 
 The subject of a call, most specific last: the client's defaults, the ambient `cycles.scope(...)`, the handler's
 keyword arguments, and LlamaIndex's `instrument_tags({...})` (`cycles_<level>` keys such as `{"cycles_agent": "bot"}`,
 `cycles_scope`, `cycles_dimensions`). Inside `cycles.run(limit=...)` (or a guarded tool) calls draw from that hold.
+
+Agents: FunctionAgent / AgentWorkflow turn a tool's exception into text and carry on, so a `guard_tool` denied with
+`on_denied="stop"` (the default) marks its error output, and the handler raises that denial at the agent's next
+model call, before it is made (see `cycles_llamaindex.tools`).
 
 Caps: ALLOW_WITH_CAPS `max_tokens` is applied to the request (LlamaIndex passes the call's keyword arguments to the
 provider after the start event, so the handler lowers `max_tokens` there), and tool schemas the caps' allow/deny
@@ -39,9 +45,11 @@ Settings: attach the handler to it.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable
 from typing import Any
 
+from llama_index.core.callbacks.base import global_stack_trace_ids
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 from llama_index.core.instrumentation.dispatcher import active_instrument_tags
@@ -52,6 +60,7 @@ from cycles.calls import ModelCall, handler_subject, with_tags
 from cycles.pricing import Pricing, default_pricing
 
 from ._common import (
+    Flight,
     in_flight,
     listen_to_streams,
     max_output_tokens,
@@ -66,10 +75,13 @@ __all__ = ["CyclesCallbackHandler"]
 
 EstimateFn = Callable[[str, Any, "int | None"], Amount]
 
+MAX_OPEN = 1024  # calls in flight before the handler looks for lapsed ones
+
 _IGNORED = [event for event in CBEventType if event is not CBEventType.LLM]
 
-# The model call in flight in this context, so an LLM calling itself is reserved once: (handler, call, model).
-_outer: contextvars.ContextVar[tuple[Any, ModelCall, str] | None] = contextvars.ContextVar(
+# The model call started last in this context, so an LLM calling itself is reserved once:
+# (handler, its flight, model, the callback manager's trace depth inside the call).
+_outer: contextvars.ContextVar[tuple[Any, Flight, str, int] | None] = contextvars.ContextVar(
     "cycles_llamaindex_outer", default=None
 )
 
@@ -116,7 +128,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self.unit = unit
         self.max_tokens_param = max_tokens_param
         self.subject = handler_subject(scope, subject)
-        self._calls: dict[str, tuple[ModelCall, str | None]] = {}  # event id -> (call, its span)
+        self._calls: dict[str, tuple[Flight, str | None]] = {}  # event id -> (the call in flight, its span)
         self._nested: set[str] = set()
         listen_to_streams()
 
@@ -127,7 +139,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     def caps_for(self, event_id: str) -> Caps | None:
         """The ALLOW_WITH_CAPS caps of an in-flight call."""
         found = self._calls.get(event_id)
-        return found[0].reservation.caps if found is not None else None
+        return found[0].call.reservation.caps if found is not None else None
 
     def in_flight(self) -> int:
         """Calls reserved and not yet settled (0 once every call has ended)."""
@@ -152,12 +164,12 @@ class CyclesCallbackHandler(BaseCallbackHandler):
             return event_id
         serialized = payload.get(EventPayload.SERIALIZED)
         model = model_name(serialized)
-        outer = _outer.get()
-        if outer is not None and outer[0] is self and outer[2] == model:
-            call = outer[1]
-            if not call.produced and call.reservation.active:  # the LLM calling itself for the same request
-                self._nested.add(event_id)
-                return event_id
+        depth = len(global_stack_trace_ids.get())
+        if self._inner(model, depth):
+            if len(self._nested) >= MAX_OPEN:  # inner events of streams nobody iterated
+                self._nested.clear()
+            self._nested.add(event_id)
+            return event_id
         request = payload.get(EventPayload.ADDITIONAL_KWARGS)
         if request is None:
             request = {}
@@ -181,11 +193,44 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if call.reservation.caps is not None:
             self._apply_caps(call, request, tools)
         span = active_span_id.get()
-        self._calls[event_id] = (call, span)
+        if len(self._calls) >= MAX_OPEN:
+            self._forget_lapsed()
+        flight = Flight(call, model)
+        self._calls[event_id] = (flight, span)
         if span is not None:
-            in_flight[span] = call
-        _outer.set((self, call, model))
+            in_flight[span] = flight
+        _outer.set((self, flight, model, depth))
         return event_id
+
+    def _inner(self, model: str, depth: int) -> bool:
+        """This LLM event is an LLM calling itself for a call already reserved (a CustomLLM's chat through its
+        complete, its astream_chat through its stream_chat): an unanswered call of the same model started it, from
+        inside its `as_trace` (this event is deeper), or from inside its stream, running in this thread right now."""
+        outer = _outer.get()
+        if outer is not None and outer[0] is self and depth > outer[3] and outer[2] == model:
+            call = outer[1].call
+            if not call.produced and call.reservation.active:
+                return True
+        for flight, _ in tuple(self._calls.values()):  # a snapshot: other threads start and end calls meanwhile
+            if (
+                flight.stream is not None
+                and flight.model == model
+                and not flight.call.produced
+                and flight.iterating_here()
+            ):
+                return True
+        return False
+
+    def _forget_lapsed(self) -> None:
+        """Drop the calls whose hold is gone without an end event (streams nobody iterated: their hold expired, or
+        the enclosing one they drew from was settled), so a long-lived handler does not keep them forever."""
+        now_ms = time.time_ns() // 1_000_000
+        for event_id, (flight, span) in list(self._calls.items()):
+            r = flight.call.reservation
+            if not r.active or (r.status == "ACTIVE" and r.expires_at_ms is not None and r.expires_at_ms < now_ms):
+                self._calls.pop(event_id, None)
+                if span is not None:
+                    in_flight.pop(span, None)
 
     def _apply_caps(self, call: ModelCall, request: dict[str, Any], tools: Any) -> None:
         # LlamaIndex sends the call's keyword arguments (this very dict) to the provider after the start event
@@ -208,11 +253,12 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if found is None:
             self._nested.discard(event_id)
             return
-        call, span = found
+        flight, span = found
+        call = flight.call
         if span is not None:
             in_flight.pop(span, None)
         outer = _outer.get()
-        if outer is not None and outer[1] is call:
+        if outer is not None and outer[1] is flight:
             _outer.set(None)
         payload = payload or {}
         error = payload.get(EventPayload.EXCEPTION)
@@ -225,8 +271,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if response is None:
             response = payload.get(EventPayload.COMPLETION)
         if response is not None:
-            # a stream's chunks brought their text already; its last response carries the usage
-            call.output("" if call.produced else response_text(response), response_usage(response))
+            # the text is only counted when no usage is reported (a stream's chunks brought theirs already)
+            usage = response_usage(response)
+            call.output("" if usage or call.produced else response_text(response), usage)
             raw = getattr(response, "raw", None)
             version = raw.get("model") if isinstance(raw, dict) else getattr(raw, "model", None)
             if isinstance(version, str):

@@ -8,8 +8,9 @@ where the texts are. Each provider call (a query, a text, or one batch of `embed
 built) reserves the texts' tokens priced as input (or the `estimate=` you give), under the action
 `("llm.embedding", model_name)`, and commits the token count: the one `tokens(texts)` reports (the provider's
 tokenizer, or the usage your embedder saw), else the count the estimate was priced from. A failure releases the
-hold. The wrapper is a `BaseEmbedding` with the wrapped model's name, batch size and callback manager, so
-LlamaIndex batches, caches and reports as before; inside `cycles.run(...)` or a guarded tool calls draw from it.
+hold. The wrapper is a `BaseEmbedding` with the wrapped model's name, batch size, callback manager, cache and rate
+limiter, so LlamaIndex batches, caches (a cached text is neither embedded nor reserved) and reports as before.
+Inside `cycles.run(...)` or a guarded tool, embedding calls draw from that hold.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def guard_embedding(
         embed_batch_size=embed_model.embed_batch_size,
         callback_manager=embed_model.callback_manager,
         num_workers=embed_model.num_workers,
+        embeddings_cache=embed_model.embeddings_cache,  # LlamaIndex applies these around the provider calls
+        rate_limiter=embed_model.rate_limiter,
     )
     guarded._client = client
     guarded._pricing = pricing or default_pricing()

@@ -4,8 +4,10 @@ count the calls that reached the "provider". Only the provider is fake; everythi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
@@ -45,9 +47,11 @@ class UsageLLM(FunctionCallingLLM):
     model: str = MODEL
     num_output: int = 256
     tool_names: list[str] = Field(default_factory=list)
+    max_tool_calls: int | None = None  # then it answers in text
     fixed_usage: dict[str, int] | None = None  # report this usage on every call (else it grows with the prompt)
     fail: bool = False  # the provider fails (after being called)
     report: bool = True  # False: a provider that reports no usage at all
+    delay: float = 0.0  # seconds achat, or a stream before its first chunk, waits
 
     _calls: list[dict[str, Any]] = PrivateAttr(default_factory=list)  # kwargs of every call the provider saw
     _usages: list[dict[str, int]] = PrivateAttr(default_factory=list)  # usage reported per completed call
@@ -84,7 +88,7 @@ class UsageLLM(FunctionCallingLLM):
         if self.fail:
             raise ConnectionError("provider unavailable")
         calls: list[ToolSelection] = []
-        if self.tool_names and kwargs.get("tools"):
+        if self.tool_names and kwargs.get("tools") and (self.max_tool_calls is None or n < self.max_tool_calls):
             name = self.tool_names[n % len(self.tool_names)]
             calls = [ToolSelection(tool_id=f"call_{n:04d}", tool_name=name, tool_kwargs={"query": f"q{n}"})]
             text = ""
@@ -111,14 +115,20 @@ class UsageLLM(FunctionCallingLLM):
         raw = {"model": f"{self.model}-2024-07-18", "usage": usage} if self.report else {}
         return ChatResponse(message=message, raw=raw)
 
-    def _chunks(self, prompt: Any, kwargs: dict[str, Any]) -> Generator[tuple[str, str, dict[str, int]], None, None]:
-        text, _, usage = self._answer(prompt, kwargs)
+    def _chunks(
+        self, prompt: Any, kwargs: dict[str, Any]
+    ) -> Generator[tuple[str, str, dict[str, int], dict[str, Any]]]:
+        """(delta, text so far, usage so far, message extras): one chunk a word; the last carries the tool calls."""
+        text, calls, usage = self._answer(prompt, kwargs)
+        if self.delay:
+            time.sleep(self.delay)
+        parts = [word if i == 0 else " " + word for i, word in enumerate(text.split())] or [""]
         said = ""
-        for i, word in enumerate(text.split()):
-            delta = word if i == 0 else " " + word
+        for i, delta in enumerate(parts):
             said += delta
-            so_far = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": i + 1} if self.report else {}
-            yield delta, said, so_far
+            last = i == len(parts) - 1
+            so_far = usage if last else {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": i + 1}
+            yield delta, said, so_far if self.report else {}, {"tool_calls": calls} if last and calls else {}
         self._done(usage)
 
     @llm_chat_callback()
@@ -127,14 +137,18 @@ class UsageLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return self._chat(messages, kwargs)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         def gen() -> ChatResponseGen:
-            for delta, said, usage in self._chunks(messages, kwargs):
+            for delta, said, usage, extra in self._chunks(messages, kwargs):
                 yield ChatResponse(
-                    message=ChatMessage(role="assistant", content=said), delta=delta, raw={"usage": usage}
+                    message=ChatMessage(role="assistant", content=said, additional_kwargs=extra),
+                    delta=delta,
+                    raw={"usage": usage},
                 )
 
         return gen()
@@ -142,9 +156,11 @@ class UsageLLM(FunctionCallingLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         async def gen() -> AsyncGenerator[ChatResponse, None]:
-            for delta, said, usage in self._chunks(messages, kwargs):
+            for delta, said, usage, extra in self._chunks(messages, kwargs):
                 yield ChatResponse(
-                    message=ChatMessage(role="assistant", content=said), delta=delta, raw={"usage": usage}
+                    message=ChatMessage(role="assistant", content=said, additional_kwargs=extra),
+                    delta=delta,
+                    raw={"usage": usage},
                 )
 
         return gen()
@@ -165,7 +181,7 @@ class UsageLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         def gen() -> CompletionResponseGen:
-            for delta, said, usage in self._chunks(prompt, kwargs):
+            for delta, said, usage, _ in self._chunks(prompt, kwargs):
                 yield CompletionResponse(text=said, delta=delta, additional_kwargs=usage)
 
         return gen()
@@ -173,7 +189,7 @@ class UsageLLM(FunctionCallingLLM):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         async def gen() -> AsyncGenerator[CompletionResponse, None]:
-            for delta, said, usage in self._chunks(prompt, kwargs):
+            for delta, said, usage, _ in self._chunks(prompt, kwargs):
                 yield CompletionResponse(text=said, delta=delta, additional_kwargs=usage)
 
         return gen()
@@ -220,7 +236,7 @@ class DelegatingLLM(CustomLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         def gen() -> CompletionResponseGen:
-            for delta, said, usage in self.inner._chunks(prompt, kwargs):
+            for delta, said, usage, _ in self.inner._chunks(prompt, kwargs):
                 yield CompletionResponse(text=said, delta=delta, additional_kwargs=usage)
 
         return gen()

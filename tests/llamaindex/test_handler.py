@@ -5,11 +5,14 @@ iterated), keyed by event id under concurrency, on the embedded ledger and over 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from cycles_llamaindex import CyclesCallbackHandler
+from cycles_llamaindex import CyclesCallbackHandler, callbacks
 from llama_index.core import Settings
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.instrumentation.dispatcher import instrument_tags
@@ -155,16 +158,56 @@ def test_usage_missing_is_counted_from_the_text(funded: cycles.Client) -> None:
 
 
 def test_a_custom_llm_calling_itself_is_reserved_once(funded: cycles.Client) -> None:
-    """A stock CustomLLM's chat goes through its own complete (two LLM events, one provider call)."""
+    """A stock CustomLLM's chat goes through its own complete, its astream_chat through its stream_chat (lazily,
+    once iterated): two or three LLM events for one provider call."""
     llm, h = guarded(funded, DelegatingLLM())
     llm.chat(QUESTION)
     _drain(llm.stream_chat(QUESTION))
     asyncio.run(llm.achat(QUESTION))
+    asyncio.run(_astream(llm.astream_chat(QUESTION)))
+    asyncio.run(_astream(llm.astream_complete("Tell me more.")))
     reservations = funded.reservations()
-    assert llm.inner.calls == len(reservations) == 3
+    assert llm.inner.calls == len(reservations) == 5
     assert {r.status for r in reservations} == {"COMMITTED"}
     assert spent(funded) == billed(llm.inner)
     assert h.in_flight() == 0
+
+
+@pytest.mark.parametrize("llm", [UsageLLM, DelegatingLLM])
+def test_streams_started_before_any_is_iterated_are_each_reserved(funded: cycles.Client, llm: Any) -> None:
+    """Fan-out: every stream is started, then they are read; none of them is taken for another's inner call."""
+    model, h = guarded(funded, llm())
+    streams = [model.stream_chat([ChatMessage(role="user", content="part " + "z " * i)]) for i in range(4)]
+    assert len(active(funded)) == 4
+    for stream in streams:
+        _drain(stream)
+    provider = model.inner if isinstance(model, DelegatingLLM) else model
+    assert provider.calls == len(funded.reservations()) == 4
+    assert spent(funded) == billed(provider) and h.in_flight() == 0
+
+
+def test_a_call_from_another_thread_during_a_stream_is_reserved(funded: cycles.Client) -> None:
+    """A stream waiting for its first chunk in one thread does not make another thread's call look like its own."""
+    model, h = guarded(funded, UsageLLM(delay=0.5))
+    reader = threading.Thread(target=lambda: _drain(model.stream_chat(QUESTION)))
+    reader.start()
+    while model.calls == 0:  # the stream is running, waiting on the provider
+        time.sleep(0.01)
+    model.delay = 0
+    model.chat(QUESTION)
+    reader.join()
+    assert model.calls == len(funded.reservations()) == 2
+    assert spent(funded) == billed(model) and h.in_flight() == 0
+
+
+async def test_astreams_started_before_any_is_iterated_are_each_reserved(funded: cycles.Client) -> None:
+    model, h = guarded(funded, DelegatingLLM())
+    streams = [await model.astream_chat([ChatMessage(role="user", content="part " + "z " * i)]) for i in range(3)]
+    assert len(active(funded)) == 3
+    for stream in streams:
+        await _adrain(stream)
+    assert model.inner.calls == len(funded.reservations()) == 3
+    assert spent(funded) == billed(model.inner) and h.in_flight() == 0
 
 
 # ------------------------------------------------------------------------------------------------ failures
@@ -241,6 +284,38 @@ def test_stream_never_iterated_expires_with_its_ttl(funded: cycles.Client, ledge
     assert llm.calls == 0  # like most providers, the fake sends its request at the first chunk
 
 
+async def test_cancelled_achat_releases(funded: cycles.Client) -> None:
+    llm, h = guarded(funded, UsageLLM(delay=30))
+    task = asyncio.create_task(llm.achat(QUESTION))
+    while not active(funded):  # reserved, waiting on the provider
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [r] = funded.reservations()
+    assert r.status == "RELEASED" and spent(funded) == 0 and h.in_flight() == 0
+
+
+def test_streams_nobody_iterates_are_forgotten_once_their_hold_lapsed(
+    funded: cycles.Client, ledger: Ledger, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived handler does not keep calls that will never end: past their hold's expiry they are dropped."""
+    monkeypatch.setattr(callbacks, "MAX_OPEN", 2)
+    llm, h = guarded(funded)
+    clock.now = time.time_ns() // 1_000_000 - 600_000  # holds taken now expire (by the wall clock) 9 minutes ago
+    abandoned = [llm.stream_chat(QUESTION) for _ in range(2)]
+    assert h.in_flight() == 2
+    clock.now += 600_000
+    live = llm.stream_chat(QUESTION)  # the handler is full: it drops the lapsed ones
+    assert h.in_flight() == 1
+    _drain(live)
+    assert h.in_flight() == 0
+    clock.advance(60_000 + GRACE_MS + 1)
+    ledger.sweep()
+    assert sorted(r.status for r in funded.reservations()) == ["COMMITTED", "EXPIRED", "EXPIRED"]
+    assert len(abandoned) == 2
+
+
 # ---------------------------------------------------------------------------------------------- concurrency
 
 
@@ -255,6 +330,16 @@ async def test_16_concurrent_achat_no_collisions_exact_spend(funded: cycles.Clie
     assert sorted(r.committed.amount for r in reservations) == sorted(cost(u) for u in llm.usages)
     assert spent(funded) == billed(llm)
     assert h.in_flight() == 0
+
+
+def test_16_calls_from_threads_no_collisions_exact_spend(funded: cycles.Client) -> None:
+    llm, h = guarded(funded)
+    prompts = [[ChatMessage(role="user", content="threaded " + "w " * i)] for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: _drain(llm.stream_chat(p)) if len(p[0].content) % 2 else llm.chat(p), prompts))
+    reservations = funded.reservations()
+    assert len(reservations) == llm.calls == 16 and {r.status for r in reservations} == {"COMMITTED"}
+    assert spent(funded) == billed(llm) and h.in_flight() == 0
 
 
 async def test_concurrent_astreams_are_settled_each_with_its_own_usage(funded: cycles.Client) -> None:
