@@ -16,13 +16,12 @@ import asyncio
 import json
 import os
 import statistics
-import time
 from collections import defaultdict
 from typing import Any
 
 import httpx2
 import openai
-from _report import percentiles, record
+from _report import Samples, atimed, p50, record, timed
 from cycles_openai import guard
 from ledger import Bare
 
@@ -65,43 +64,6 @@ def provider(request: httpx2.Request) -> httpx2.Response:
     if b'"stream":true' in request.content.replace(b" ", b""):
         return httpx2.Response(200, headers=EVENTS, content=SSE)
     return httpx2.Response(200, headers=JSON, content=ANSWER)
-
-
-class Samples:
-    """Wall time and this thread's CPU time per call."""
-
-    def __init__(self) -> None:
-        self.wall: list[int] = []
-        self.cpu: list[int] = []
-
-
-def timed(cases: dict[str, Any], calls: int) -> dict[str, Samples]:
-    """Every case called in turn, call by call: the machine's speed drifts, and a drift then hits all cases alike."""
-    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, {name: Samples() for name in cases}
-    for _ in range(calls):
-        for name, fn in cases.items():
-            t0, c0 = wall(), cpu()
-            fn()
-            c1, t1 = cpu(), wall()
-            out[name].cpu.append(c1 - c0)
-            out[name].wall.append(t1 - t0)
-    return out
-
-
-async def atimed(cases: dict[str, Any], calls: int) -> dict[str, Samples]:
-    wall, cpu, out = time.perf_counter_ns, time.thread_time_ns, {name: Samples() for name in cases}
-    for _ in range(calls):
-        for name, fn in cases.items():
-            t0, c0 = wall(), cpu()
-            await fn()
-            c1, t1 = cpu(), wall()
-            out[name].cpu.append(c1 - c0)
-            out[name].wall.append(t1 - t0)
-    return out
-
-
-def p50(samples: Samples) -> tuple[float, float]:
-    return percentiles(samples.wall)["p50_us"], percentiles(samples.cpu)["p50_us"]
 
 
 ROUNDS = 10
