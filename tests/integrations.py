@@ -90,3 +90,22 @@ def set_caps() -> Callable[..., None]:
         client.policies.create("*", name="integration tests", caps=Caps(**caps))
 
     return create
+
+
+@pytest.fixture
+def funded(client: cycles.Client) -> cycles.Client:
+    """`client` with $10 for the tenant and $5 for its agent `bot`."""
+    client.budgets.set("tenant:acme", cycles.usd(10))
+    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
+    return client
+
+
+def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
+    """What the scope's ledger has spent (0 when nothing yet)."""
+    path = client.scope_path(scope)
+    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == path)
+    return balance.spent.amount if balance.spent else 0
+
+
+def active(client: cycles.Client) -> list[Any]:
+    return client.reservations(status="ACTIVE")

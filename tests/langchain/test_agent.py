@@ -14,6 +14,7 @@ from langchain_core.tools import BaseTool, tool
 import cycles
 from cycles.pricing import default_pricing
 
+from ..integrations import spent
 from .fakes import MODEL, ToolCallingChatModel, UsageChatModel
 
 PRICING = default_pricing()
@@ -74,12 +75,6 @@ class Tools:
             return "deleted"
 
         self.search, self.delete_everything = search, delete_everything
-
-
-def spent(client: cycles.Client, scope: str) -> int:
-    path = client.scope_path(scope)
-    balance = next(b for b in client.balances(scope) if b.scope == path)
-    return balance.spent.amount if balance.spent else 0
 
 
 def budget_for(calls: int) -> int:

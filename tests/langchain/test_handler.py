@@ -18,6 +18,7 @@ from langchain_core.prompts import ChatPromptTemplate
 import cycles
 from cycles.pricing import default_pricing, prompt_text
 
+from ..integrations import active, spent
 from .fakes import MODEL, FailingChatModel, NoUsageChatModel, UsageChatModel, UsageLLM
 
 PRICING = default_pricing()
@@ -31,22 +32,6 @@ def cost(usage: Any) -> int:
 def billed(model: UsageChatModel) -> int:
     """What the provider billed: every completed call's reported usage, priced."""
     return sum(cost(u) for u in model.usages)
-
-
-def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
-    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == client.scope_path(scope))
-    return balance.spent.amount if balance.spent else 0
-
-
-def active(client: cycles.Client) -> list[Any]:
-    return client.reservations(status="ACTIVE")
-
-
-@pytest.fixture
-def funded(client: cycles.Client) -> cycles.Client:
-    client.budgets.set("tenant:acme", cycles.usd(10))
-    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
-    return client
 
 
 def chain_for(model: Any) -> Any:

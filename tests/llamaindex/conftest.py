@@ -1,4 +1,4 @@
 """The LlamaIndex integration runs on the shared integration fixtures (tests/integrations.py): a real Client,
 embedded or over real HTTP on loopback, on the test's clock."""
 
-from ..integrations import client, ledger, recording_client, set_caps  # noqa: F401
+from ..integrations import client, funded, ledger, recording_client, set_caps  # noqa: F401

@@ -15,6 +15,7 @@ from llama_index.core.workflow import Context
 import cycles
 from cycles.pricing import default_pricing
 
+from ..integrations import spent
 from .fakes import MODEL, UsageLLM
 
 # llama-index's workflow runtime inspects pydantic models' deprecated attributes on every step
@@ -59,12 +60,6 @@ def agent_for(client: cycles.Client, tools: list[Any], **llm: Any) -> tuple[Func
 
 async def run_agent(agent: FunctionAgent) -> Any:
     return await agent.run("research forever", max_iterations=100)
-
-
-def spent(client: cycles.Client, scope: str) -> int:
-    path = client.scope_path(scope)
-    balance = next(b for b in client.balances(scope) if b.scope == path)
-    return balance.spent.amount if balance.spent else 0
 
 
 def budget_for(calls: int) -> int:

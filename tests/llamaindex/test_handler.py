@@ -23,6 +23,7 @@ from cycles.ledger import Ledger
 from cycles.models import ReservationCreateRequest
 from cycles.pricing import default_pricing, prompt_text
 
+from ..integrations import active, spent
 from .fakes import MODEL, DelegatingLLM, UsageLLM
 
 PRICING = default_pricing()
@@ -37,23 +38,6 @@ def cost(usage: Any) -> int:
 def billed(llm: UsageLLM) -> int:
     """What the provider billed: every completed call's reported usage, priced."""
     return sum(cost(u) for u in llm.usages)
-
-
-def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
-    path = client.scope_path(scope)
-    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == path)
-    return balance.spent.amount if balance.spent else 0
-
-
-def active(client: cycles.Client) -> list[Any]:
-    return client.reservations(status="ACTIVE")
-
-
-@pytest.fixture
-def funded(client: cycles.Client) -> cycles.Client:
-    client.budgets.set("tenant:acme", cycles.usd(10))
-    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
-    return client
 
 
 def guarded(client: cycles.Client, llm: Any = None, **handler: Any) -> tuple[Any, CyclesCallbackHandler]:

@@ -30,6 +30,8 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 import cycles  # noqa: E402
 from cycles.pricing import Pricing  # noqa: E402
 
+from ..integrations import spent  # noqa: E402
+
 set_tracing_disabled(True)  # offline: no trace export
 
 MODEL = "gpt-4o-mini"
@@ -50,18 +52,6 @@ def usage(inp: int, out: int, cached: int = 0) -> Usage:
 
 def cost(u: Usage) -> int:
     return PRICING.cost(MODEL, u).amount
-
-
-def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
-    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == client.scope_path(scope))
-    return balance.spent.amount if balance.spent else 0
-
-
-@pytest.fixture
-def funded(client: cycles.Client) -> cycles.Client:
-    client.budgets.set("tenant:acme", cycles.usd(10))
-    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
-    return client
 
 
 class Searches:

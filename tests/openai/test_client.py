@@ -16,6 +16,7 @@ from pydantic import BaseModel
 import cycles
 from cycles.pricing import Pricing, UnknownModelPrice
 
+from ..integrations import active, spent
 from .fakes import EMBEDDING_MODEL, MODEL, FakeOpenAI
 
 PRICING = Pricing(provider="openai")  # what guarded clients price with by default
@@ -35,22 +36,6 @@ def cost(usage: dict[str, int], model: str = MODEL, cached: int = 0) -> int:
 
 def billed(fake: FakeOpenAI, model: str = MODEL) -> int:
     return sum(cost(u, model, min(fake.cached, u["input"])) for u in fake.billed)
-
-
-def spent(client: cycles.Client, scope: str = "tenant:acme") -> int:
-    balance = next(b for b in client.balances(scope, include_children=False) if b.scope == client.scope_path(scope))
-    return balance.spent.amount if balance.spent else 0
-
-
-def active(client: cycles.Client) -> list[Any]:
-    return client.reservations(status="ACTIVE")
-
-
-@pytest.fixture
-def funded(client: cycles.Client) -> cycles.Client:
-    client.budgets.set("tenant:acme", cycles.usd(10))
-    client.budgets.set("tenant:acme/agent:bot", cycles.usd(5))
-    return client
 
 
 @pytest.fixture
