@@ -1,6 +1,6 @@
 """Concurrency on a SQLite file and on a Redis store: no oversubscription (PROTOCOL.md section 8, invariants 4, 10,
-11), exact settlement,
-idempotent races, and StoreBusy instead of a hang when another process holds the write lock.
+11), exact settlement, idempotent races, and (SQLite) StoreBusy instead of a hang when another process holds the
+write lock.
 
 Hierarchy: tenant:acme / workspace:w / agent:a (and sibling agent:b). N reserves of X against a budget B, with B not
 a multiple of X and N * X > B, must let exactly min(N, B // X) through, whatever the interleaving.
