@@ -685,6 +685,10 @@ class RedisStore:
             self.redis.zadd(TENANTS, {t: 0 for t in new})
             self._indexed |= new
 
+    def ping(self) -> None:
+        with self.errors():
+            self.redis.ping()
+
     # -------------------------------------------------------------------------------------------------- lease
     def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or extend the lease `name` for `owner`; True while this owner holds it."""
