@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from cycles.ledger.redis import open_redis
 from cycles.server.sweep import Sweeper
 
 from ..interop._server import CyclesServe
+from ..redis_server import redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +161,145 @@ def test_one_sweeper_at_a_time_holds_the_lease(redis_url: str, clock: Any) -> No
     finally:
         for store in stores:
             store.close()
+
+
+# ------------------------------------------------------------------------------------------------ failures
+class Load:
+    """`clients` clients doing reserve+commit pairs against a server until told to stop, recording what each
+    request got: acknowledged commits, 503s (with their bodies), and the pairs left unfinished."""
+
+    def __init__(self, url: str, key: str, clients: int = 8) -> None:
+        self.url, self.key, self.clients = url, key, clients
+        self.committed: dict[str, int] = {}  # reservation id -> actual, for every commit answered 200
+        self.unfinished: list[int] = []  # pairs a request of which failed: redone later with the same keys
+        self.unavailable: list[dict[str, Any]] = []  # 503 bodies
+        self.other_errors: list[tuple[int, str]] = []
+        self.statuses: list[tuple[float, int]] = []  # (time, status) of every response
+        self.stop = False
+        self._pairs = 0
+
+    def actual(self, pair: int) -> int:
+        return X - pair % 1_000
+
+    async def pair(self, c: httpx.AsyncClient, pair: int) -> bool:
+        """One reserve+commit with keys derived from `pair`; True when the commit was acknowledged."""
+        reserved = await self.post(c, "/v1/reservations", reserve_body(f"r-{pair}"))
+        if reserved is None:
+            return False
+        rid = reserved["reservation_id"]
+        body = {"idempotency_key": f"c-{pair}", "actual": usd(self.actual(pair))}
+        if await self.post(c, f"/v1/reservations/{rid}/commit", body) is None:
+            return False
+        self.committed[rid] = self.actual(pair)
+        return True
+
+    async def post(self, c: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        response = await c.post(path, json=body)
+        self.statuses.append((time.monotonic(), response.status_code))
+        if response.status_code == 200:
+            return response.json()
+        if response.status_code == 503:
+            self.unavailable.append(response.json())
+        else:
+            self.other_errors.append((response.status_code, response.text))
+        return None
+
+    async def client(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, headers={"X-Cycles-API-Key": self.key}, timeout=30) as c:
+            while not self.stop:
+                pair = self._pairs
+                self._pairs += 1
+                try:
+                    done = await self.pair(c, pair)
+                except httpx.HTTPError:  # the server went away mid-request
+                    done = False
+                    await asyncio.sleep(0.05)
+                if not done:
+                    self.unfinished.append(pair)
+
+    async def run(self, seconds: float, during: Any = None) -> None:
+        """Load for `seconds`; `during` (a coroutine function) runs alongside, then the load stops."""
+        tasks = [asyncio.create_task(self.client()) for _ in range(self.clients)]
+        if during is not None:
+            await during()
+        await asyncio.sleep(seconds)
+        self.stop = True
+        await asyncio.gather(*tasks)
+
+    async def redo(self) -> None:
+        """Every unfinished pair again, with its own idempotency keys: each must now settle."""
+        async with httpx.AsyncClient(base_url=self.url, headers={"X-Cycles-API-Key": self.key}, timeout=30) as c:
+            for pair in self.unfinished:
+                assert await self.pair(c, pair), (pair, self.other_errors[-1:], self.unavailable[-1:])
+        self.unfinished = []
+
+
+def check_committed(url: str, load: Load, allocations: list[int]) -> None:
+    reservations = assert_settled(url, allocations)
+    lost = [rid for rid in load.committed if reservations.get(rid, {}).get("status") != "COMMITTED"]
+    assert not lost, f"{len(lost)} acknowledged commits are not in Redis: {lost[:5]}"
+    for rid, actual in load.committed.items():
+        assert reservations[rid]["committed"] == actual
+
+
+def test_kill_9_of_a_server_under_load_loses_no_acknowledged_commit(tmp_path: Path) -> None:
+    allocations = [10**15] * 3
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as redis_proc:
+        server = CyclesServe(tmp_path, store=redis_proc.url, sweep_interval=0.5).start()
+        try:
+            key = setup_tenant(server, allocations)
+            load = Load(server.url, key)
+
+            async def kill_soon() -> None:
+                await asyncio.sleep(1.5)
+                os.killpg(server.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+            asyncio.run(load.run(0.5, during=kill_soon))
+        finally:
+            server.kill()
+        assert len(load.committed) > 20, "the load never got going"
+        check_committed(redis_proc.url, load, allocations)
+
+        # a new server on the same Redis finishes what the killed one left half done
+        with CyclesServe(tmp_path, store=redis_proc.url, sweep_interval=0.5) as again:
+            redo = Load(again.url, key)
+            redo.unfinished = load.unfinished
+            asyncio.run(redo.redo())
+            load.committed.update(redo.committed)
+        check_committed(redis_proc.url, load, allocations)
+
+        # and Redis itself killed: with appendfsync always, nothing acknowledged is lost either
+        redis_proc.kill()
+        redis_proc.start()
+        check_committed(redis_proc.url, load, allocations)
+
+
+def test_redis_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: Path) -> None:
+    allocations = [10**15] * 3
+    with redis_server("--appendonly", "yes", "--appendfsync", "always") as redis_proc:
+        url = redis_proc.url + "?socket_timeout=0.5&socket_connect_timeout=0.5"
+        with CyclesServe(tmp_path, store=url, sweep_interval=0.5) as server:
+            key = setup_tenant(server, allocations)
+            load = Load(server.url, key)
+
+            async def outages() -> None:
+                await asyncio.sleep(1.0)
+                redis_proc.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+                await asyncio.sleep(2.0)
+                redis_proc.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                await asyncio.sleep(1.0)
+                redis_proc.kill()
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(redis_proc.start)
+
+            asyncio.run(load.run(1.5, during=outages))
+            assert load.unavailable, "no request met the outage"
+            assert not load.other_errors, load.other_errors[:3]
+            for body in load.unavailable:
+                assert body["error"] == "INTERNAL_ERROR" and "Redis" in body["message"] and body["request_id"], body
+            last_503 = max(t for t, status in load.statuses if status == 503)
+            assert any(t > last_503 and status == 200 for t, status in load.statuses), "no recovery after the outage"
+            asyncio.run(load.redo())
+            with httpx.Client(base_url=server.url) as c:
+                assert c.get("/readyz").status_code == 200
+        check_committed(redis_proc.url, load, allocations)

@@ -693,7 +693,11 @@ class RedisStore:
     def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or extend the lease `name` for `owner`; True while this owner holds it."""
         with self.errors():
-            return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+            try:
+                return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+            except redis.exceptions.NoScriptError:  # Redis restarted (its script cache is not persisted)
+                self.load_scripts()
+                return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
 
     def drop_lease(self, name: str, owner: str) -> None:
         with self.errors():
