@@ -18,13 +18,19 @@ the sweep walk it) and write-once pointers from ids the rules look up without a 
 before the transaction that needs them commits (a pointer to nothing is harmless: the lookup finds no record) and
 never change afterwards.
 
-Transactions are optimistic. Every record is a hash {v: version, d: JSON}. A transaction reads records (from Redis,
-or from this process's cache of records it has seen, which may be stale), hands the rules objects, and buffers
-their writes. At the end ONE Lua script per tenant slot (loaded once, run with EVALSHA) gets every key it touches in
-KEYS, checks that each record read still has the version it had, and then applies every write, or applies nothing
-and returns the current copies of the records that changed: the cache takes them and the whole operation runs
-again (`retrying`, bounded, with jitter). A transaction that only read one record straight from Redis needs no
-check; a refusal (a CyclesError) is checked too before it is believed, since it may rest on a stale record.
+Transactions are optimistic. Every record is a hash {v: version, d: JSON}; a version is random, new at each write
+(a counter could meet another writer's same count). A transaction reads records (from Redis, or from this process's
+cache of records it has seen, which may be stale), hands the rules objects, and buffers their writes. At the end ONE
+Lua script per tenant slot (loaded once, run with EVALSHA) gets every key it touches in KEYS, checks that each
+record read still has the version it had, and then applies every write; or it applies nothing and returns the
+current copies of the records that changed: the cache takes them and the whole operation runs again (`retrying`,
+bounded, with jitter). A transaction that only read one record straight from Redis needs no check; a refusal (a
+CyclesError) is checked too before it is believed, since it may rest on a stale record. In the steady state an
+operation is one round trip.
+
+The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, their
+scripts in one pipeline, so a round trip is shared by every call of the batch; a call whose records another process
+changed fails alone and runs again by itself.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
 first): each tenant's writes then commit in their own script, the operation's own tenant (the last one written)
@@ -44,6 +50,7 @@ walking every tenant's TTL index; both fit thousands of records per tenant, not 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -72,7 +79,7 @@ except ImportError:  # pragma: no cover - the redis extra is not installed
     redis = None  # type: ignore[assignment]
 
 # Check the versions read, then apply the writes; or apply nothing and return the changed records.
-# ARGV: n, the n expected versions (of KEYS[1..n]), then ops: P k data | Z k score member | X k member.
+# ARGV: n, the n expected versions (of KEYS[1..n]), then ops: P k version data | Z k score member | X k member.
 COMMIT = """
 local n = tonumber(ARGV[1])
 local changed = {}
@@ -90,9 +97,8 @@ local i = n + 2
 while i <= #ARGV do
   local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   if op == 'P' then
-    redis.call('HINCRBY', key, 'v', 1)
-    redis.call('HSET', key, 'd', ARGV[i + 2])
-    i = i + 3
+    redis.call('HSET', key, 'v', ARGV[i + 2], 'd', ARGV[i + 3])
+    i = i + 4
   elseif op == 'Z' then
     redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
     i = i + 4
@@ -161,6 +167,10 @@ class RedisTransaction:
         self._inserted: set[str] = set()  # keys that must not exist yet (DuplicateKey otherwise)
         self._expired: set[str] = set()  # reservation ids this transaction took off a TTL index
         self._last_slot: str | None = None
+        self._versions: dict[str, str] = {}  # key -> the version its write gets
+        self._datas: dict[str, str] = {}  # key -> the JSON its write stores
+        batch = store.open_batch
+        self._batch = batch if batch is not None and batch.thread == threading.get_ident() else None
 
     def now_ms(self) -> int:
         return self._store.now_ms()
@@ -169,6 +179,12 @@ class RedisTransaction:
     def _get(self, keys: Sequence[str]) -> list[str | None]:
         """The data of each key (None: absent), as first seen by this transaction."""
         cache = self._store.cache
+        batch = self._batch
+        if batch is not None:  # what earlier transactions of this batch wrote, as it will be once they commit
+            for k in keys:
+                if k not in self._read and k in batch.overlay:
+                    self._read[k] = batch.overlay[k]
+                    self._cached = True
         missing = [k for k in keys if k not in self._read and k not in cache]
         if missing:
             with self._store.errors():
@@ -248,22 +264,33 @@ class RedisTransaction:
             g = group(_slot_of(key))
             index(g, key)
             g[0].append(self._read[key][0] if key in self._read else "0")
-        for key, (value, names) in self._writes.items():
+        for key in self._writes:
             g = group(_slot_of(key))
-            data = to_json(value).decode() if names is None else _dump(value, names)
-            g[3].extend(("P", index(g, key), data))
+            g[3].extend(("P", index(g, key), self._version(key), self._data(key)))
         for op in self._index:
             g = group(_slot_of(op[1]))
             g[3].extend((op[0], index(g, op[1]), *op[2:]))
         return {slot: (g[2][: len(g[0])], g[2], [len(g[0]), *g[0], *g[3]]) for slot, g in groups.items()}
 
     def _commit(self, *, check_only: bool) -> None:
-        store = self._store
+        plan = self._plan(check_only)
+        if plan is None:
+            return
+        batch = self._batch
+        if batch is not None:  # sent with the rest of the batch, which settles it (see _Batch)
+            batch.add(plan)
+            return
+        with self._store.errors():
+            (results,) = _send([plan], self._store)
+        self._settle(plan, results)
+
+    def _plan(self, check_only: bool) -> _Plan | None:
+        """The scripts that commit (or only check) this transaction, one per slot; None when it needs none."""
         writing = bool(self._writes or self._index) and not check_only
         if not writing and (not self._read or (len(self._read) == 1 and not self._cached)):
-            return  # nothing written, and what was read is one record as Redis had it: consistent by itself
+            return None  # nothing written, and what was read is one record as Redis had it: consistent by itself
         if check_only:
-            self._writes, self._index = {}, []
+            self._writes, self._index, self._pointers = {}, [], {}
         groups = self._groups()
         if writing:
             primary = self._last_slot
@@ -272,52 +299,53 @@ class RedisTransaction:
             order = [s for s in groups if s != primary] + [primary]
         else:
             primary, order = None, list(groups)
-        with store.errors():
-            if self._pointers:
-                store.set_pointers(self._pointers, groups_follow=True)
-            tenants = {_slot_of(k)[3:-1] for k in self._writes} | {_slot_of(op[1])[3:-1] for op in self._index}
-            store.index_tenants(tenants)
-            pipe = self._r.pipeline(transaction=False)
-            for slot in order:
-                _checked, keys, argv = groups[slot]
-                pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, *argv)  # (a cluster pipeline
-                # refuses .evalsha, yet routes EVALSHA by its keys)
-            try:
-                results = pipe.execute()
-            except redis.exceptions.NoScriptError:
-                store.load_scripts()
-                results = self._r.pipeline(transaction=False)
-                for slot in order:
-                    _checked, keys, argv = groups[slot]
-                    results.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, *argv)
-                results = results.execute()
+        scripts = [(slot, groups[slot][1], groups[slot][2]) for slot in order]
+        return _Plan(self, scripts, primary, writing)
+
+    def _settle(self, plan: _Plan, results: list[Any]) -> None:
+        """Take the scripts' answers: remember what was written, or raise Conflict (DuplicateKey) with nothing done."""
+        store = self._store
         failed = False
-        for slot, result in zip(order, results, strict=True):
+        for (slot, _keys, _argv), result in zip(plan.scripts, results, strict=True):
             if result:
                 changed = {result[i]: (result[i + 1], result[i + 2] or None) for i in range(0, len(result), 3)}
                 store.cache.update(changed)
-                if primary is None or slot == primary:
+                if plan.primary is None or slot == plan.primary:
                     failed = True
                     # another reserve took this idempotency key first: the rules replay it
                     taken = [k for k in changed if ":rk:" in k and k in self._inserted and changed[k][1] is not None]
-                    if taken and writing:
+                    if taken and plan.writing and self._batch is None:
                         store.forget_pointers(self._pointers)
                         raise DuplicateKey(taken[0])
         if failed:
-            if writing:
+            if plan.writing:
                 store.forget_pointers(self._pointers)
             raise Conflict("records read by this transaction changed before it could commit")
-        if writing:
+        if plan.writing:
             self._remember_written()
+
+    def _version(self, key: str) -> str:
+        """The version this transaction's write gives `key`: unique (random), so a version seen twice is the same
+        write, whoever else wrote the record meanwhile (a counter could meet another writer's same count)."""
+        version = self._versions.get(key)
+        if version is None:
+            version = self._versions[key] = os.urandom(8).hex()
+        return version
+
+    def _data(self, key: str) -> str:
+        """The JSON written at `key` (once the transaction ends: its records no longer change)."""
+        data = self._datas.get(key)
+        if data is None:
+            value, names = self._writes[key]
+            data = self._datas[key] = to_json(value).decode() if names is None else _dump(value, names)
+        return data
 
     def _remember_written(self) -> None:
         cache = self._store.cache
         if len(cache) > CACHE_LIMIT:
             cache.clear()
-        for key, (value, names) in self._writes.items():
-            data = to_json(value).decode() if names is None else _dump(value, names)
-            version = self._read[key][0] if key in self._read else "0"
-            cache[key] = (str(int(version) + 1), data)
+        for key in self._writes:
+            cache[key] = (self._version(key), self._data(key))
 
     # ------------------------------------------------------------------------------------------------ idempotency
     def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None:
@@ -578,6 +606,86 @@ class RedisTransaction:
         return found
 
 
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    tx: RedisTransaction
+    scripts: list[tuple[str, list[str], list[Any]]]  # (slot, KEYS, ARGV) in the order to run them
+    primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
+    writing: bool
+
+
+def _send(plans: list[_Plan], store: RedisStore) -> list[list[Any]]:
+    """Every plan's pointers, then every plan's scripts, in order, in one round trip; each plan's answers."""
+    pointers: dict[str, str] = {}
+    tenants: set[str] = set()
+    for plan in plans:
+        pointers.update(plan.tx._pointers)
+        tenants |= {_slot_of(k)[3:-1] for k in plan.tx._writes} | {_slot_of(op[1])[3:-1] for op in plan.tx._index}
+    store.index_tenants(tenants)
+    for attempt in (1, 2):
+        pipe = store.redis.pipeline(transaction=False)
+        if pointers and store.cluster:  # each in its own slot: set (and answered) before any script runs
+            store.set_pointers(pointers)
+        elif pointers:  # one connection runs a pipeline in order: the pointers first, in the same round trip
+            for pointer, value in pointers.items():
+                pipe.set(pointer, value)
+        for plan in plans:
+            for _slot, keys, argv in plan.scripts:
+                # (a cluster pipeline refuses .evalsha, yet routes EVALSHA by its keys)
+                pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, *argv)
+        try:
+            results = pipe.execute()
+            break
+        except redis.exceptions.NoScriptError:  # Redis restarted (its script cache is not persisted)
+            if attempt == 2:
+                raise
+            store.load_scripts()
+    if pointers and not store.cluster:
+        results = results[len(pointers) :]
+    for pointer, value in pointers.items():
+        store.remember_pointer(pointer, value)
+    out, at = [], 0
+    for plan in plans:
+        out.append(results[at : at + len(plan.scripts)])
+        at += len(plan.scripts)
+    return out
+
+
+class _Batch:
+    """`with store.batch() as batch:` the transactions this thread runs inside are sent together at the end, one
+    round trip for all. A transaction reads what earlier ones of the batch wrote (`overlay`, with the versions their
+    scripts will give it), so each script checks against its predecessors' writes: when one fails, every later one
+    that read its writes fails too, and nothing else. The caller tags each piece of work (`current`) and runs again,
+    on its own, each one listed in `failed` afterwards."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.thread = threading.get_ident()
+        self.overlay: dict[str, tuple[str, str | None]] = {}
+        self.plans: list[tuple[Any, _Plan]] = []
+        self.current: Any = None
+        self.failed: set[Any] = set()
+
+    def add(self, plan: _Plan) -> None:
+        self.plans.append((self.current, plan))
+        tx = plan.tx
+        if plan.writing:
+            for key in tx._writes:
+                self.overlay[key] = (tx._version(key), tx._data(key))
+
+    def flush(self) -> None:
+        if not self.plans:
+            return
+        plans = [plan for _work, plan in self.plans]
+        with self.store.errors():
+            answers = _send(plans, self.store)
+        for (work, plan), results in zip(self.plans, answers, strict=True):
+            try:
+                plan.tx._settle(plan, results)
+            except Conflict:
+                self.failed.add(work)
+
+
 def _matches(r: ReservationRecord, flt: ReservationFilter) -> bool:
     subject = r.subject
     for level, value in flt.levels.items():
@@ -614,6 +722,8 @@ class RedisStore:
         self.cache: dict[str, tuple[str, str | None]] = {}
         self.pointers: dict[str, str] = {}
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
+        self.open_batch: _Batch | None = None
+        self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
         self._lock = threading.Lock()
@@ -643,9 +753,11 @@ class RedisStore:
     def transaction(self, *, readonly: bool = False) -> _Atomic:
         return _Atomic(self)
 
-    def batch(self) -> _NoBatch:
-        """Each Redis transaction commits on its own (one script): a batch groups nothing."""
-        return _NoBatch()
+    def batch(self) -> _BatchScope:
+        """`with store.batch() as batch:` the transactions this thread runs inside commit together at the end, in
+        one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
+        the batch may fail at the end on its own (`batch.failed`), and is then run again by itself."""
+        return _BatchScope(self)
 
     def close(self) -> None:
         self.redis.close()
@@ -656,7 +768,7 @@ class RedisStore:
             self.pointers.clear()
         self.pointers[pointer] = value
 
-    def set_pointers(self, pointers: dict[str, str], *, groups_follow: bool) -> None:
+    def set_pointers(self, pointers: dict[str, str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for pointer, value in pointers.items():
             pipe.set(pointer, value)
@@ -740,12 +852,22 @@ class _Atomic:
             self._tx._commit(check_only=True)  # a refusal resting on a stale record is no refusal: run again
 
 
-class _NoBatch:
-    def __enter__(self) -> None:
-        return None
+class _BatchScope:
+    __slots__ = ("_store", "_batch")
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> _Batch:
+        if self._store.open_batch is not None:
+            raise RuntimeError("batches do not nest")
+        self._batch = self._store.open_batch = _Batch(self._store)
+        return self._batch
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._store.open_batch = None
+        if exc_type is None:
+            self._batch.flush()
 
 
 def open_redis(url: str) -> RedisStore:
