@@ -149,13 +149,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
-def seed(url: str) -> str:
+def seed(url: str, tenant: str = "acme") -> str:
     admin = {"X-Admin-API-Key": ADMIN_KEY}
-    http("POST", url + "/v1/admin/tenants", {"tenant_id": "acme", "name": "Acme"}, admin)
+    http("POST", url + "/v1/admin/tenants", {"tenant_id": tenant, "name": tenant.title()}, admin)
     for scope in SCOPES:
-        body = {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**17}, "tenant_id": "acme"}
+        scope = scope.replace("tenant:acme", f"tenant:{tenant}")
+        body = {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**17}, "tenant_id": tenant}
         http("POST", url + "/v1/admin/budgets", body, admin)
-    return http("POST", url + "/v1/admin/api-keys", {"tenant_id": "acme", "name": "bench"}, admin)["key_secret"]
+    return http("POST", url + "/v1/admin/api-keys", {"tenant_id": tenant, "name": "bench"}, admin)["key_secret"]
 
 
 # ---------------------------------------------------------------------------------------------- load generator
@@ -165,8 +166,9 @@ class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection: write a request, await exactly one response (Content-Length framed).
     A bare protocol (no StreamReader): the bytes of a response are parsed once, as they arrive."""
 
-    def __init__(self, port: int, api_key: str) -> None:
+    def __init__(self, port: int, api_key: str, subject: str | None = None) -> None:
         self.port = port
+        self.subject = subject or SUBJECT
         self.prefix = (
             f"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nX-Cycles-API-Key: {api_key}\r\n"
         ).encode()
@@ -228,9 +230,12 @@ SUBJECT = json.dumps({"tenant": "acme", "workspace": "prod", "agent": "bot"})
 ACTION = json.dumps({"kind": "llm.completion", "name": "gpt-4o"})
 
 
-def reserve_body(key: str) -> bytes:
+SUBJECT_OF_KEY = json.dumps({"workspace": "prod", "agent": "bot"})  # the tenant is the API key's
+
+
+def reserve_body(key: str, subject: str = SUBJECT) -> bytes:
     return (
-        f'{{"idempotency_key":"{key}","subject":{SUBJECT},"action":{ACTION},'
+        f'{{"idempotency_key":"{key}","subject":{subject},"action":{ACTION},'
         f'"estimate":{{"unit":"{USD}","amount":{ESTIMATE}}}}}'
     ).encode()
 
@@ -245,7 +250,7 @@ async def client_loop(conn: Connection, tag: str, deadline: float, max_pairs: in
     while pairs < max_pairs and time.perf_counter() < deadline:
         key = f"{tag}-{pairs}"
         t0 = clock()
-        status, body = await conn.post("/v1/reservations", reserve_body("r" + key))
+        status, body = await conn.post("/v1/reservations", reserve_body("r" + key, conn.subject))
         t1 = clock()
         if status != 200:
             raise RuntimeError(f"reserve answered {status}: {body[:300]!r}")
@@ -263,9 +268,13 @@ async def client_loop(conn: Connection, tag: str, deadline: float, max_pairs: in
 
 
 async def run_load(
-    port: int, api_key: str, clients: int, seconds: float, max_pairs: int, tag: str, server_pids: list[int]
+    port: int, api_key: str | list[str], clients: int, seconds: float, max_pairs: int, tag: str, server_pids: list[int]
 ) -> dict[str, Any]:
-    conns = [await Connection(port, api_key).open() for _ in range(clients)]
+    """`api_key`: one key, or one per tenant (client i uses key i mod n, its subject taking the key's tenant)."""
+    if isinstance(api_key, str):
+        conns = [await Connection(port, api_key).open() for _ in range(clients)]
+    else:
+        conns = [await Connection(port, api_key[i % len(api_key)], SUBJECT_OF_KEY).open() for i in range(clients)]
     out: dict[str, list[int]] = {"reserve": [], "commit": [], "pair": []}
     server_cpu, generator_cpu = cpu_seconds(server_pids), time.process_time()
     began = time.perf_counter()
@@ -442,14 +451,19 @@ def redis_info(url: str) -> str:
     return f"Redis {version}, appendonly {config['appendonly']}, appendfsync {config['appendfsync']}"
 
 
-def measure(store: str | None, workers: int, clients: int, seconds: float, rounds: int) -> dict[str, Any]:
-    """The median of `rounds` rounds of `clients` clients on a fresh server (and fresh data)."""
+def measure(
+    store: str | None, workers: int, clients: int, seconds: float, rounds: int, tenants: int = 1
+) -> dict[str, Any]:
+    """The median of `rounds` rounds of `clients` clients on a fresh server (and fresh data); with `tenants` > 1 the
+    clients are spread over that many tenants."""
     if store is not None:
         flush(store)
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(tmp, workers, store=store)
         try:
-            api_key = seed(server.url)
+            api_key: str | list[str] = seed(server.url)
+            if tenants > 1:
+                api_key = [api_key] + [seed(server.url, f"tenant-{i}") for i in range(1, tenants)]
             pids = [server.proc.pid, *children(server.proc.pid)]
             if store is not None:
                 pids += redis_pids()
@@ -482,22 +496,21 @@ def compare_stores(args: argparse.Namespace) -> None:
     load_start = os.getloadavg()[0]
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for workers in processes:
-        for name, store in (("SQLite", None), ("Redis", args.store)):
-            rows[name, workers] = result = measure(store, workers, args.clients, args.seconds, args.rounds)
-            print(f"{name:6} {workers} process(es): {result['pairs_per_s']:,.0f} pairs/s", flush=True)
+        for name, store, tenants in (("SQLite", None, 1), ("Redis", args.store, 1), ("Redis-spread", args.store, 8)):
+            rows[name, workers] = result = measure(store, workers, args.clients, args.seconds, args.rounds, tenants)
+            print(f"{name:12} {workers} process(es): {result['pairs_per_s']:,.0f} pairs/s", flush=True)
     load = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     lines = [
-        "| server processes | SQLite pairs/s | Redis pairs/s | Redis / SQLite | Redis pair p50 / p99 ms "
-        "| CPU µs per pair: servers (+ redis-server) / generator, Redis |",
-        "|---|---|---|---|---|---|",
+        "| server processes | SQLite pairs/s | Redis pairs/s | Redis / SQLite | Redis, 8 tenants, pairs/s "
+        "| Redis pair p50 / p99 ms | CPU µs per pair: servers + redis-server / generator, Redis |",
+        "|---|---|---|---|---|---|---|",
     ]
+    span = lambda r: f"{r['pairs_per_s']:,.0f} ({r['spread'][0]:,.0f}–{r['spread'][1]:,.0f})"  # noqa: E731
     for workers in processes:
-        sq, rd = rows["SQLite", workers], rows["Redis", workers]
+        sq, rd, spread = rows["SQLite", workers], rows["Redis", workers], rows["Redis-spread", workers]
         lines.append(
-            f"| {workers} | {sq['pairs_per_s']:,.0f} ({sq['spread'][0]:,.0f}–{sq['spread'][1]:,.0f}) "
-            f"| {rd['pairs_per_s']:,.0f} ({rd['spread'][0]:,.0f}–{rd['spread'][1]:,.0f}) "
-            f"| {rd['pairs_per_s'] / sq['pairs_per_s']:.2f} | {p50_p99(rd, 'pair')} "
-            f"| {rd['server_cpu_us']:,.0f} / {rd['generator_cpu_us']:,.0f} |"
+            f"| {workers} | {span(sq)} | {span(rd)} | {rd['pairs_per_s'] / sq['pairs_per_s']:.2f} | {span(spread)} "
+            f"| {p50_p99(rd, 'pair')} | {rd['server_cpu_us']:,.0f} / {rd['generator_cpu_us']:,.0f} |"
         )
     one, two = (
         rows["Redis", processes[0]]["pairs_per_s"],
@@ -511,7 +524,8 @@ def compare_stores(args: argparse.Namespace) -> None:
         "",
         f"{args.clients} clients (the lean asyncio generator of this script, in this process), reserve→commit back to "
         f"back on keep-alive connections, one subject with three budgeted levels (every operation writes the same "
-        f"three ledgers: the hardest case for any store). Median of {args.rounds} rounds of {args.seconds:g} s per "
+        f"three ledgers: the hardest case for any store); the 8-tenant column spreads the clients over 8 tenants "
+        f"(4 clients each, the same three levels under each). Median of {args.rounds} rounds of {args.seconds:g} s per "
         f"cell (slowest–fastest in brackets), each cell on a fresh server and fresh data. {redis_info(args.store)}, "
         f"on the same 2 cores as the servers and the generator; SQLite in WAL mode, synchronous=NORMAL. Load "
         f"average (1 min): {load}.",

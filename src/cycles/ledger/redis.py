@@ -50,10 +50,12 @@ walking every tenant's TTL index; both fit thousands of records per tenant, not 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pydantic_core import from_json, to_json
@@ -78,36 +80,49 @@ try:
 except ImportError:  # pragma: no cover - the redis extra is not installed
     redis = None  # type: ignore[assignment]
 
-# Check the versions read, then apply the writes; or apply nothing and return the changed records.
-# ARGV: n, the n expected versions (of KEYS[1..n]), then ops: P k version data | Z k score member | X k member.
+# One slot's part of one or more transactions, in order: for each, check the versions it read, then apply its writes;
+# or apply nothing of it and report the records that changed. KEYS[1]: the slot's turn (see `take_turn`), then every
+# key the parts touch; ARGV[1]: JSON [[checks, ops], ...] with checks [key index, version, ...] and ops
+# P k version data | Z k score member | X k member; ARGV[2]: this store's owner token. Answers JSON: per part, 0
+# (committed) or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn.
+# Only strings cross: no number of the ledger ever becomes a Lua double.
 COMMIT = """
-local n = tonumber(ARGV[1])
-local changed = {}
-for i = 1, n do
-  local v = redis.call('HGET', KEYS[i], 'v') or '0'
-  if v ~= ARGV[i + 1] then
-    local now = redis.call('HMGET', KEYS[i], 'v', 'd')
-    changed[#changed + 1] = KEYS[i]
-    changed[#changed + 1] = now[1] or '0'
-    changed[#changed + 1] = now[2] or ''
+local turn = redis.call('GET', KEYS[1])
+if turn and turn ~= ARGV[2] then return '"turn"' end
+local parts = cjson.decode(ARGV[1])
+local out = {}
+for p = 1, #parts do
+  local checks, ops = parts[p][1], parts[p][2]
+  local changed = {}
+  for c = 1, #checks, 2 do
+    local key = KEYS[checks[c]]
+    if (redis.call('HGET', key, 'v') or '0') ~= checks[c + 1] then
+      local now = redis.call('HMGET', key, 'v', 'd')
+      changed[#changed + 1] = key
+      changed[#changed + 1] = now[1] or '0'
+      changed[#changed + 1] = now[2] or ''
+    end
   end
-end
-if #changed > 0 then return changed end
-local i = n + 2
-while i <= #ARGV do
-  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if op == 'P' then
-    redis.call('HSET', key, 'v', ARGV[i + 2], 'd', ARGV[i + 3])
-    i = i + 4
-  elseif op == 'Z' then
-    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
-  else
-    redis.call('ZREM', key, ARGV[i + 2])
-    i = i + 3
+  if #changed == 0 then
+    local i = 1
+    while i <= #ops do
+      local op, key = ops[i], KEYS[ops[i + 1]]
+      if op == 'P' then
+        redis.call('HSET', key, 'v', ops[i + 2], 'd', ops[i + 3])
+        i = i + 4
+      elseif op == 'Z' then
+        redis.call('ZADD', key, ops[i + 2], ops[i + 3])
+        i = i + 4
+      else
+        redis.call('ZREM', key, ops[i + 2])
+        i = i + 3
+      end
+    end
+    changed = 0
   end
+  out[p] = changed
 end
-return changed
+return cjson.encode(out)
 """
 
 # The sweep lease: take it when free, extend it when ours; 1 when this owner holds it.
@@ -120,6 +135,8 @@ return 0
 UNLEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 TENANTS = "cycles:tenants"
+TURN = ["turn"]  # an answer: another store holds the slot's turn
+TURN_MS = 250  # a turn lapses by itself this long after its holder took it (should the holder die)
 CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every record used is checked at commit)
 CLOCK_RESAMPLE_S = 5.0
 
@@ -242,35 +259,28 @@ class RedisTransaction:
         self._pointers[pointer] = value
 
     # ------------------------------------------------------------------------------------------------ commit
-    def _groups(self) -> dict[str, tuple[list[str], list[str], list[Any]]]:
-        """Per slot: (keys checked, KEYS, ARGV) of its commit script."""
-        groups: dict[str, tuple[list[str], dict[str, int], list[str], list[Any]]] = {}
+    def _parts(self) -> dict[str, _Part]:
+        """Per slot: the versions to check and the writes to apply there."""
+        parts: dict[str, _Part] = {}
 
-        def group(slot: str) -> tuple[list[str], dict[str, int], list[str], list[Any]]:
-            g = groups.get(slot)
-            if g is None:
-                g = groups[slot] = ([], {}, [], [])
-            return g
+        def part(key: str) -> _Part:
+            slot = _slot_of(key)
+            found = parts.get(slot)
+            if found is None:
+                found = parts[slot] = _Part([], [])
+            return found
 
-        def index(g: Any, key: str) -> int:
-            at = g[1].get(key)
-            if at is None:
-                g[2].append(key)
-                at = g[1][key] = len(g[2])
-            return at
-
-        written = set(self._writes) | self._inserted
-        for key in list(self._read) + [k for k in written if k not in self._read]:
-            g = group(_slot_of(key))
-            index(g, key)
-            g[0].append(self._read[key][0] if key in self._read else "0")
+        read = self._read
+        for key, (version, _data) in read.items():
+            part(key).checks.append((key, version))
+        for key in self._writes.keys() | self._inserted:
+            if key not in read:  # written without being read: it must not exist yet
+                part(key).checks.append((key, "0"))
         for key in self._writes:
-            g = group(_slot_of(key))
-            g[3].extend(("P", index(g, key), self._version(key), self._data(key)))
+            part(key).ops.append(("P", key, self._version(key), self._data(key)))
         for op in self._index:
-            g = group(_slot_of(op[1]))
-            g[3].extend((op[0], index(g, op[1]), *op[2:]))
-        return {slot: (g[2][: len(g[0])], g[2], [len(g[0]), *g[0], *g[3]]) for slot, g in groups.items()}
+            part(op[1]).ops.append(op)
+        return parts
 
     def _commit(self, *, check_only: bool) -> None:
         plan = self._plan(check_only)
@@ -285,31 +295,30 @@ class RedisTransaction:
         self._settle(plan, results)
 
     def _plan(self, check_only: bool) -> _Plan | None:
-        """The scripts that commit (or only check) this transaction, one per slot; None when it needs none."""
+        """What commits (or only checks) this transaction, per slot; None when it needs nothing."""
         writing = bool(self._writes or self._index) and not check_only
         if not writing and (not self._read or (len(self._read) == 1 and not self._cached)):
             return None  # nothing written, and what was read is one record as Redis had it: consistent by itself
         if check_only:
             self._writes, self._index, self._pointers = {}, [], {}
-        groups = self._groups()
-        if writing:
-            primary = self._last_slot
-            # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
-            groups = {s: g for s, g in groups.items() if len(g[2]) > 1 + g[2][0] or s == primary}
-            order = [s for s in groups if s != primary] + [primary]
-        else:
-            primary, order = None, list(groups)
-        scripts = [(slot, groups[slot][1], groups[slot][2]) for slot in order]
-        return _Plan(self, scripts, primary, writing)
+        parts = self._parts()
+        primary = self._last_slot if writing else None
+        if writing:  # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
+            parts = {slot: p for slot, p in parts.items() if p.ops or slot == primary}
+        return _Plan(self, parts, primary, writing)
 
-    def _settle(self, plan: _Plan, results: list[Any]) -> None:
+    def _settle(self, plan: _Plan, answers: dict[str, Any]) -> None:
         """Take the scripts' answers: remember what was written, or raise Conflict (DuplicateKey) with nothing done."""
         store = self._store
         failed = False
-        for (slot, _keys, _argv), result in zip(plan.scripts, results, strict=True):
-            if result:
-                changed = {result[i]: (result[i + 1], result[i + 2] or None) for i in range(0, len(result), 3)}
-                store.cache.update(changed)
+        contended: list[str] = []
+        for slot, answer in answers.items():
+            if answer:
+                contended.append(slot)
+                changed = {}
+                if answer is not TURN:
+                    changed = {answer[i]: (answer[i + 1], answer[i + 2] or None) for i in range(0, len(answer), 3)}
+                    store.cache.update(changed)
                 if plan.primary is None or slot == plan.primary:
                     failed = True
                     # another reserve took this idempotency key first: the rules replay it
@@ -320,7 +329,9 @@ class RedisTransaction:
         if failed:
             if plan.writing:
                 store.forget_pointers(self._pointers)
-            raise Conflict("records read by this transaction changed before it could commit")
+            conflict = Conflict("records read by this transaction changed before it could commit")
+            conflict.take_turn = functools.partial(store.take_turn, contended)  # type: ignore[attr-defined]
+            raise conflict
         if plan.writing:
             self._remember_written()
 
@@ -381,6 +392,7 @@ class RedisTransaction:
 
     # ---------------------------------------------------------------------------------------------------- budgets
     @staticmethod
+    @functools.lru_cache(maxsize=4096)  # the same few ledgers again and again
     def _budget_key(unit: str, scope: str) -> str:
         return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
 
@@ -607,21 +619,49 @@ class RedisTransaction:
 
 
 @dataclasses.dataclass(slots=True)
+class _Part:
+    """One slot's part of a transaction: versions to check, then writes (ops naming their keys)."""
+
+    checks: list[tuple[str, str]]
+    ops: list[tuple[str, ...]]
+
+
+@dataclasses.dataclass(slots=True)
 class _Plan:
     tx: RedisTransaction
-    scripts: list[tuple[str, list[str], list[Any]]]  # (slot, KEYS, ARGV) in the order to run them
+    parts: dict[str, _Part]  # by slot
     primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
     writing: bool
 
 
-def _send(plans: list[_Plan], store: RedisStore) -> list[list[Any]]:
-    """Every plan's pointers, then every plan's scripts, in order, in one round trip; each plan's answers."""
+def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
+    """Every plan's pointers, then one script per slot running that slot's parts of every plan in order, all in one
+    round trip; for each plan, its answer per slot."""
     pointers: dict[str, str] = {}
     tenants: set[str] = set()
-    for plan in plans:
+    slots: dict[str, list[tuple[int, _Part]]] = {}
+    for n, plan in enumerate(plans):
         pointers.update(plan.tx._pointers)
-        tenants |= {_slot_of(k)[3:-1] for k in plan.tx._writes} | {_slot_of(op[1])[3:-1] for op in plan.tx._index}
+        for slot, part in plan.parts.items():
+            slots.setdefault(slot, []).append((n, part))
+            if part.ops:
+                tenants.add(slot[3:-1])
     store.index_tenants(tenants)
+    calls = []
+    for slot, parts in slots.items():
+        keys: dict[str, int] = {slot + ":turn": 1}
+
+        def at(key: str, keys: dict[str, int] = keys) -> int:
+            return keys.setdefault(key, len(keys) + 1)
+
+        payload = [
+            [
+                [x for key, version in part.checks for x in (at(key), version)],
+                [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
+            ]
+            for _n, part in parts
+        ]
+        calls.append((slot, list(keys), to_json(payload).decode()))
     for attempt in (1, 2):
         pipe = store.redis.pipeline(transaction=False)
         if pointers and store.cluster:  # each in its own slot: set (and answered) before any script runs
@@ -629,10 +669,9 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[list[Any]]:
         elif pointers:  # one connection runs a pipeline in order: the pointers first, in the same round trip
             for pointer, value in pointers.items():
                 pipe.set(pointer, value)
-        for plan in plans:
-            for _slot, keys, argv in plan.scripts:
-                # (a cluster pipeline refuses .evalsha, yet routes EVALSHA by its keys)
-                pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, *argv)
+        for _slot, keys, payload in calls:
+            # (a cluster pipeline refuses .evalsha, yet routes EVALSHA by its keys)
+            pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner)
         try:
             results = pipe.execute()
             break
@@ -644,11 +683,15 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[list[Any]]:
         results = results[len(pointers) :]
     for pointer, value in pointers.items():
         store.remember_pointer(pointer, value)
-    out, at = [], 0
-    for plan in plans:
-        out.append(results[at : at + len(plan.scripts)])
-        at += len(plan.scripts)
-    return out
+    answers: list[dict[str, Any]] = [{} for _ in plans]
+    for (slot, _keys, _payload), result in zip(calls, results, strict=True):
+        result = from_json(result)
+        for n, _part in slots[slot]:
+            answers[n][slot] = TURN if result == "turn" else None
+        if result != "turn":
+            for (n, _part), answer in zip(slots[slot], result, strict=True):
+                answers[n][slot] = answer or None
+    return answers
 
 
 class _Batch:
@@ -723,6 +766,7 @@ class RedisStore:
         self.pointers: dict[str, str] = {}
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
         self.open_batch: _Batch | None = None
+        self.owner = os.urandom(8).hex()  # this store's token in the slots' turns
         self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
@@ -807,6 +851,30 @@ class RedisStore:
             except redis.exceptions.NoScriptError:  # Redis restarted (its script cache is not persisted)
                 self.load_scripts()
                 return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+
+    def take_turn(self, slots: list[str], timeout: float = 2.0) -> Callable[[], None]:
+        """Hold the turn of these slots: while it is held, other stores' commits there fail at once (and wait for
+        their turn in their own retries). `retrying` takes it after a second conflict in a row, so that a process
+        whose records keep being changed by others gets through; returns the function that gives it back."""
+        keys = [slot + ":turn" for slot in slots]
+        taken: list[str] = []
+        deadline = time.monotonic() + timeout
+        with self.errors():
+            for key in keys:
+                while not self.redis.set(key, self.owner, nx=True, px=TURN_MS):
+                    if self.redis.get(key) == self.owner or time.monotonic() > deadline:
+                        break
+                    time.sleep(random.uniform(0.0005, 0.002))
+                taken.append(key)
+
+        def give_back() -> None:
+            try:
+                for key in taken:
+                    self.redis.eval(UNLEASE, 1, key, self.owner)
+            except redis.exceptions.RedisError:
+                pass  # it lapses by itself
+
+        return give_back
 
     def drop_lease(self, name: str, owner: str) -> None:
         with self.errors():
