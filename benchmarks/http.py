@@ -7,7 +7,11 @@ generator share the cores.
 The multi-client phase runs in rounds (default 5 of 4 s) and reports the median round, with the slowest and fastest
 beside it: the VM's speed moves from minute to minute, and one long phase was at its mercy.
 
+With `--store redis://host:port/0` it compares the stores instead: the same 32-client load on 1, 2 and 4 server
+processes, each on SQLite and on that Redis, side by side in one run (section "http-stores" of RESULTS.md).
+
 Run: python benchmarks/http.py [--seconds S] [--rounds R] [--clients 32] [--workers 2] [--no-record]
+     python benchmarks/http.py --store redis://127.0.0.1:6379/0 [--rounds R] [--processes 1,2,4]
      python benchmarks/http.py --profile   # also sample every worker with py-spy during the 32-client phase and
                                          # print where their time goes (needs `pip install py-spy`)
 """
@@ -87,13 +91,16 @@ def holds(pid: int, path: str) -> bool:
 class Server:
     """`cycles serve` in its own process group; stop() ends the group (the supervisor and its workers)."""
 
-    def __init__(self, directory: str, workers: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, directory: str, workers: int, env: dict[str, str] | None = None, store: str | None = None
+    ) -> None:
         self.db = str(Path(directory) / "bench.db")
+        self.store = store or f"sqlite:///{self.db}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
         self.log = open(Path(directory) / "serve.log", "wb")  # noqa: SIM115
-        args = [*cycles_command(), "serve", "--store", f"sqlite:///{self.db}", "--port", str(self.port),
+        args = [*cycles_command(), "serve", "--store", self.store, "--port", str(self.port),
                 "--workers", str(workers), "--log-level", "warning"]  # fmt: skip
         environment = {**os.environ, "CYCLES_ADMIN_API_KEY": ADMIN_KEY, **(env or {})}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=environment,
@@ -111,7 +118,7 @@ class Server:
                 raise RuntimeError("cycles serve did not start")
         while workers > 1 and time.monotonic() < deadline:  # every worker has built its app (holds the store)
             pids = children(self.proc.pid)
-            if len(pids) >= workers and all(holds(p, self.db) for p in pids):
+            if len(pids) >= workers and (store is not None or all(holds(p, self.db) for p in pids)):
                 break
             time.sleep(0.05)
         time.sleep(0.5)
@@ -142,13 +149,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / tick
 
 
-def seed(url: str) -> str:
+def seed(url: str, tenant: str = "acme") -> str:
     admin = {"X-Admin-API-Key": ADMIN_KEY}
-    http("POST", url + "/v1/admin/tenants", {"tenant_id": "acme", "name": "Acme"}, admin)
+    http("POST", url + "/v1/admin/tenants", {"tenant_id": tenant, "name": tenant.title()}, admin)
     for scope in SCOPES:
-        body = {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**17}, "tenant_id": "acme"}
+        scope = scope.replace("tenant:acme", f"tenant:{tenant}")
+        body = {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**17}, "tenant_id": tenant}
         http("POST", url + "/v1/admin/budgets", body, admin)
-    return http("POST", url + "/v1/admin/api-keys", {"tenant_id": "acme", "name": "bench"}, admin)["key_secret"]
+    return http("POST", url + "/v1/admin/api-keys", {"tenant_id": tenant, "name": "bench"}, admin)["key_secret"]
 
 
 # ---------------------------------------------------------------------------------------------- load generator
@@ -158,8 +166,9 @@ class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection: write a request, await exactly one response (Content-Length framed).
     A bare protocol (no StreamReader): the bytes of a response are parsed once, as they arrive."""
 
-    def __init__(self, port: int, api_key: str) -> None:
+    def __init__(self, port: int, api_key: str, subject: str | None = None) -> None:
         self.port = port
+        self.subject = subject or SUBJECT
         self.prefix = (
             f"Host: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nX-Cycles-API-Key: {api_key}\r\n"
         ).encode()
@@ -221,9 +230,12 @@ SUBJECT = json.dumps({"tenant": "acme", "workspace": "prod", "agent": "bot"})
 ACTION = json.dumps({"kind": "llm.completion", "name": "gpt-4o"})
 
 
-def reserve_body(key: str) -> bytes:
+SUBJECT_OF_KEY = json.dumps({"workspace": "prod", "agent": "bot"})  # the tenant is the API key's
+
+
+def reserve_body(key: str, subject: str = SUBJECT) -> bytes:
     return (
-        f'{{"idempotency_key":"{key}","subject":{SUBJECT},"action":{ACTION},'
+        f'{{"idempotency_key":"{key}","subject":{subject},"action":{ACTION},'
         f'"estimate":{{"unit":"{USD}","amount":{ESTIMATE}}}}}'
     ).encode()
 
@@ -238,7 +250,7 @@ async def client_loop(conn: Connection, tag: str, deadline: float, max_pairs: in
     while pairs < max_pairs and time.perf_counter() < deadline:
         key = f"{tag}-{pairs}"
         t0 = clock()
-        status, body = await conn.post("/v1/reservations", reserve_body("r" + key))
+        status, body = await conn.post("/v1/reservations", reserve_body("r" + key, conn.subject))
         t1 = clock()
         if status != 200:
             raise RuntimeError(f"reserve answered {status}: {body[:300]!r}")
@@ -256,9 +268,13 @@ async def client_loop(conn: Connection, tag: str, deadline: float, max_pairs: in
 
 
 async def run_load(
-    port: int, api_key: str, clients: int, seconds: float, max_pairs: int, tag: str, server_pids: list[int]
+    port: int, api_key: str | list[str], clients: int, seconds: float, max_pairs: int, tag: str, server_pids: list[int]
 ) -> dict[str, Any]:
-    conns = [await Connection(port, api_key).open() for _ in range(clients)]
+    """`api_key`: one key, or one per tenant (client i uses key i mod n, its subject taking the key's tenant)."""
+    if isinstance(api_key, str):
+        conns = [await Connection(port, api_key).open() for _ in range(clients)]
+    else:
+        conns = [await Connection(port, api_key[i % len(api_key)], SUBJECT_OF_KEY).open() for i in range(clients)]
     out: dict[str, list[int]] = {"reserve": [], "commit": [], "pair": []}
     server_cpu, generator_cpu = cpu_seconds(server_pids), time.process_time()
     began = time.perf_counter()
@@ -412,6 +428,114 @@ def table(single: dict[str, Any], rounds: list[dict[str, Any]], clients: int, wo
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ stores compared
+
+
+def flush(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+def redis_info(url: str) -> str:
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        config = client.config_get("appendonly") | client.config_get("appendfsync")
+        version = client.info("server")["redis_version"]
+    finally:
+        client.close()
+    return f"Redis {version}, appendonly {config['appendonly']}, appendfsync {config['appendfsync']}"
+
+
+def measure(
+    store: str | None, workers: int, clients: int, seconds: float, rounds: int, tenants: int = 1
+) -> dict[str, Any]:
+    """The median of `rounds` rounds of `clients` clients on a fresh server (and fresh data); with `tenants` > 1 the
+    clients are spread over that many tenants."""
+    if store is not None:
+        flush(store)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(tmp, workers, store=store)
+        try:
+            api_key: str | list[str] = seed(server.url)
+            if tenants > 1:
+                api_key = [api_key] + [seed(server.url, f"tenant-{i}") for i in range(1, tenants)]
+            pids = [server.proc.pid, *children(server.proc.pid)]
+            if store is not None:
+                pids += redis_pids()
+            run(run_load(server.port, api_key, 8, 2.0, 2_000, "warm", pids))
+            results = [
+                run(run_load(server.port, api_key, clients, seconds, 10**9, f"many{i}-", pids)) for i in range(rounds)
+            ]
+        finally:
+            server.stop()
+    results.sort(key=lambda r: r["pairs_per_s"])
+    median = results[len(results) // 2]
+    median["spread"] = (results[0]["pairs_per_s"], results[-1]["pairs_per_s"])
+    return median
+
+
+def redis_pids() -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "redis-server":
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def compare_stores(args: argparse.Namespace) -> None:
+    processes = [int(n) for n in args.processes.split(",")]
+    load_start = os.getloadavg()[0]
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for workers in processes:
+        for name, store, tenants in (("SQLite", None, 1), ("Redis", args.store, 1), ("Redis-spread", args.store, 8)):
+            rows[name, workers] = result = measure(store, workers, args.clients, args.seconds, args.rounds, tenants)
+            print(f"{name:12} {workers} process(es): {result['pairs_per_s']:,.0f} pairs/s", flush=True)
+    load = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    lines = [
+        "| server processes | SQLite pairs/s | Redis pairs/s | Redis / SQLite | Redis, 8 tenants, pairs/s "
+        "| Redis pair p50 / p99 ms | CPU µs per pair: servers + redis-server / generator, Redis |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    span = lambda r: f"{r['pairs_per_s']:,.0f} ({r['spread'][0]:,.0f}–{r['spread'][1]:,.0f})"  # noqa: E731
+    for workers in processes:
+        sq, rd, spread = rows["SQLite", workers], rows["Redis", workers], rows["Redis-spread", workers]
+        lines.append(
+            f"| {workers} | {span(sq)} | {span(rd)} | {rd['pairs_per_s'] / sq['pairs_per_s']:.2f} | {span(spread)} "
+            f"| {p50_p99(rd, 'pair')} | {rd['server_cpu_us']:,.0f} / {rd['generator_cpu_us']:,.0f} |"
+        )
+    one, two = (
+        rows["Redis", processes[0]]["pairs_per_s"],
+        rows["Redis", processes[min(1, len(processes) - 1)]]["pairs_per_s"],
+    )
+    lines += [
+        "",
+        f"Targets: Redis not slower than SQLite at 1 process "
+        f"({'✓' if one >= rows['SQLite', processes[0]]['pairs_per_s'] else '✗'}), throughput rising from 1 to 2 "
+        f"processes ({'✓' if two > one else '✗'}).",
+        "",
+        f"{args.clients} clients (the lean asyncio generator of this script, in this process), reserve→commit back to "
+        f"back on keep-alive connections, one subject with three budgeted levels (every operation writes the same "
+        f"three ledgers: the hardest case for any store); the 8-tenant column spreads the clients over 8 tenants "
+        f"(4 clients each, the same three levels under each). Median of {args.rounds} rounds of {args.seconds:g} s per "
+        f"cell (slowest–fastest in brackets), each cell on a fresh server and fresh data. {redis_info(args.store)}, "
+        f"on the same 2 cores as the servers and the generator; SQLite in WAL mode, synchronous=NORMAL. Load "
+        f"average (1 min): {load}.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_record:
+        record("http-stores", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of the 1-client phase and of each round")
@@ -423,7 +547,14 @@ def main() -> None:
         "--profile", action="store_true", help="sample the workers with py-spy during the multi-client phase"
     )
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--store", help="redis://host:port/db: compare SQLite and this Redis (it is flushed!)")
+    parser.add_argument("--processes", default="1,2,4", help="server processes to compare the stores at")
     args = parser.parse_args()
+    if args.store:
+        if not args.store.startswith("redis://"):
+            raise SystemExit("--store takes a redis:// URL (SQLite is always measured beside it)")
+        compare_stores(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(tmp, args.workers)

@@ -43,3 +43,24 @@ def redis_url(redis_session) -> str:
     client.flushdb()
     client.close()
     return redis_session.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session():
+    """A 3-node Redis Cluster (3 masters, no replicas) for the whole session; skipped when redis-server is absent."""
+    from .redis_server import redis_cluster
+
+    with redis_cluster(3) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster_session) -> str:
+    """The session's cluster, every node emptied for this test: `redis+cluster://` one of its nodes."""
+    import redis
+
+    for node in redis_cluster_session:
+        client = redis.Redis(port=node.port)
+        client.flushall()
+        client.close()
+    return f"redis+cluster://127.0.0.1:{redis_cluster_session[0].port}"

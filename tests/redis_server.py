@@ -19,10 +19,22 @@ REDIS_CLI = shutil.which("redis-cli")
 MISSING = "redis-server is not installed (apt-get install redis-server; .ci/run does it)"
 
 
-def free_port() -> int:
+def free_port(below: int = 65536) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < below and (below == 65536 or _free(port + 10_000)):
+            return port
+
+
+def _free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def require_redis() -> None:
@@ -106,9 +118,10 @@ def redis_cluster(nodes: int = 3) -> Iterator[list[RedisProcess]]:
             for i in range(nodes):
                 path = Path(directory) / str(i)
                 path.mkdir()
+                # a cluster node also listens on its port + 10000 (the cluster bus)
                 servers.append(
                     RedisProcess(path, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                 "--appendonly", "no").start()
+                                 "--appendonly", "no", port=free_port(below=55_536)).start()
                 )  # fmt: skip
             subprocess.run(
                 [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in servers],

@@ -20,7 +20,7 @@ def serve(
         typer.Option(
             envvar="CYCLES_STORE",
             show_default=DEFAULT_STORE,
-            help="Ledger store URL: sqlite:///path/to/cycles.db or sqlite://:memory:.",
+            help="Ledger store URL: sqlite:///path/to/cycles.db, sqlite://:memory: or redis://host:port/0.",
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 for every interface.")] = "127.0.0.1",
@@ -54,7 +54,7 @@ def serve(
     Options:
       --store            ledger store URL (env CYCLES_STORE; default sqlite:///.cycles/cycles.db)
       --host / --port    where to listen (default 127.0.0.1:7878)
-      --workers N        worker processes (N > 1 needs a file store; one of them runs the expiry sweep)
+      --workers N        worker processes (N > 1 needs a file or Redis store; one of them runs the expiry sweep)
       --admin-api-key    X-Admin-API-Key secret (env CYCLES_ADMIN_API_KEY); without it no admin routes
       --sweep-interval   seconds between expiry sweeps (default 1; 0 disables the timer)
       --log-level        uvicorn log level (default info)

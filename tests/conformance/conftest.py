@@ -3,7 +3,8 @@
 A test sees `authority` (the Ledger API: runtime operations with the effective `tenant=`, and `.admin`) and the
 `clock` it runs on. Adding a store or a transport means adding a parameter here, not tests:
 - sqlite-file, sqlite-memory: the embedded ledger;
-- redis: the embedded ledger on a Redis store (a real redis-server of the session, emptied per test);
+- redis, redis-cluster: the embedded ledger on a Redis store (a real redis-server of the session, emptied per test)
+  and on a 3-node Redis Cluster (tenants' keys spread over its slots);
 - http: the same ledger behind `cycles serve`'s app on loopback, driven through cycles.client.http (a tenant's
   calls carry an API key of that tenant; admin calls the admin key).
 """
@@ -16,7 +17,7 @@ import pytest
 
 from cycles.ledger import Ledger, SQLiteStore
 
-AUTHORITIES = ["sqlite-file", "sqlite-memory", "redis", "http"]
+AUTHORITIES = ["sqlite-file", "sqlite-memory", "redis", "redis-cluster", "http"]
 
 # Where the HTTP surface deliberately answers otherwise than the ledger (tests marked embedded_only(reason)):
 TENANT_KEYS = (
@@ -34,6 +35,10 @@ def authority(request: pytest.FixtureRequest, tmp_path, clock) -> Iterator[Ledge
         from cycles.ledger.redis import open_redis
 
         store = open_redis(request.getfixturevalue("redis_url"))
+    elif request.param == "redis-cluster":
+        from cycles.ledger.redis import open_redis
+
+        store = open_redis(request.getfixturevalue("redis_cluster_url"))
     else:
         store = SQLiteStore(tmp_path / "cycles.db")
     ledger = Ledger(store, clock=clock)

@@ -51,10 +51,11 @@ class CyclesServe:
         graceful_timeout: float = 10.0,
         log_level: str = "warning",
         extra_args: tuple[str, ...] = (),
+        store: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.db = self.directory / "cycles.db"
-        self.store = f"sqlite:///{self.db}"
+        self.store = store or f"sqlite:///{self.db}"  # or a redis:// URL
         self.workers = workers
         self.admin_key = admin_key
         self.port = free_port()
@@ -103,7 +104,11 @@ class CyclesServe:
         db = str(self.db)
         while time.monotonic() < deadline:
             pids = self.worker_pids()
-            if len(pids) >= self.workers and all(_has_open(pid, db) for pid in pids):
+            if not self.store.startswith("sqlite:"):  # a network store: no file to watch; give them a moment
+                if len(pids) >= self.workers:
+                    time.sleep(1.0)
+                    return
+            elif len(pids) >= self.workers and all(_has_open(pid, db) for pid in pids):
                 time.sleep(0.3)  # lifespan startup and the listen loop, after the store is open
                 return
             time.sleep(0.05)

@@ -1,7 +1,7 @@
 """Process entry points for tests/ledger/test_concurrency.py.
 
 They live in their own small module so a `spawn`ed child imports only this (and cycles), never pytest's test
-module. Each child opens its own Ledger on the shared SQLite file, with a fixed clock.
+module. Each child opens its own Ledger on the shared SQLite file (or Redis URL), with a fixed clock.
 """
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ import sqlite3
 from typing import Any
 
 from cycles.errors import CyclesError
-from cycles.ledger import Ledger, SQLiteStore
+from cycles.ledger import Ledger, SQLiteStore, Store
+
+
+def open_shared_store(path: str, busy_timeout: float = 60.0) -> Store:
+    """A store on `path`: a SQLite file, or a Redis URL."""
+    if path.startswith("redis://"):
+        from cycles.ledger.redis import open_redis
+
+        return open_redis(path)
+    return SQLiteStore(path, busy_timeout=busy_timeout)
 
 
 def reserve_worker(
@@ -18,7 +27,7 @@ def reserve_worker(
 ) -> None:
     """Open a Ledger on `path`, wait for the others, then try `n` reserves of `x`; report ("ok", id) / ("err", code)."""
     out: list[tuple[str, str]] = []
-    store = SQLiteStore(path, busy_timeout=60.0)
+    store = open_shared_store(path)
     try:
         ledger = Ledger(store, clock=lambda: now_ms)
         barrier.wait()

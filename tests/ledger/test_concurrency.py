@@ -1,5 +1,6 @@
-"""Concurrency on a SQLite file: no oversubscription (PROTOCOL.md section 8, invariants 4, 10, 11), exact settlement,
-idempotent races, and StoreBusy instead of a hang when another process holds the write lock.
+"""Concurrency on a SQLite file and on a Redis store: no oversubscription (PROTOCOL.md section 8, invariants 4, 10,
+11), exact settlement, idempotent races, and (SQLite) StoreBusy instead of a hang when another process holds the
+write lock.
 
 Hierarchy: tenant:acme / workspace:w / agent:a (and sibling agent:b). N reserves of X against a budget B, with B not
 a multiple of X and N * X > B, must let exactly min(N, B // X) through, whatever the interleaving.
@@ -24,7 +25,7 @@ from cycles.errors import CyclesError, StoreBusy
 from cycles.ledger import Ledger, SQLiteStore
 
 from . import dump
-from ._workers import hold_write_lock, reserve_worker
+from ._workers import hold_write_lock, open_shared_store, reserve_worker
 
 USD = "USD_MICROCENTS"
 ACTION = {"kind": "llm.completion", "name": "gpt-4o"}
@@ -50,23 +51,61 @@ def reserve_request(key: str, subject: dict[str, str], estimate: int = X) -> dic
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
+def sqlite_path(tmp_path: Path) -> str:
+    return str(tmp_path / "ledger.db")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the ledgers of a test meet: a SQLite file, or a Redis URL (the session's redis-server, emptied)."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
     return str(tmp_path / "ledger.db")
 
 
 @pytest.fixture
-def stores() -> Iterator[list[SQLiteStore]]:
+def stores() -> Iterator[list[Any]]:
     """Every store a test opens, closed at the end."""
-    opened: list[SQLiteStore] = []
+    opened: list[Any] = []
     yield opened
     for store in opened:
         store.close()
 
 
-def open_ledger(path: str, clock: Callable[[], int], opened: list[SQLiteStore], busy_timeout: float = 60.0) -> Ledger:
-    store = SQLiteStore(path, busy_timeout=busy_timeout)
+def open_ledger(path: str, clock: Callable[[], int], opened: list[Any], busy_timeout: float = 60.0) -> Ledger:
+    store = open_shared_store(path, busy_timeout)
     opened.append(store)
     return Ledger(store, clock=clock)
+
+
+def stored_rows(path: str) -> tuple[list[tuple[int, list[str]]], dict[str, int], int]:
+    """Below the rules: (estimate, budgeted scopes) of each ACTIVE reservation, scope -> stored reserved, and the
+    number of events."""
+    if path.startswith("redis://"):
+        import redis
+
+        r = redis.Redis.from_url(path, decode_responses=True)
+        try:
+            records = {key: json.loads(r.hget(key, "d")) for key in r.keys("{t:acme}:*") if r.type(key) == "hash"}
+        finally:
+            r.close()
+        active = [
+            (d["estimate"], d["budgeted_scopes"]) for k, d in records.items() if ":r:" in k and d["status"] == "ACTIVE"
+        ]
+        reserved = {d["scope"]: d["reserved"] for k, d in records.items() if ":b:" in k}
+        return active, reserved, sum(1 for k in records if ":e:" in k)
+    db = sqlite3.connect(path)
+    try:
+        active = [
+            (estimate, json.loads(scopes))
+            for estimate, scopes in db.execute(
+                "SELECT estimate, budgeted_scopes FROM reservations WHERE status='ACTIVE'"
+            )
+        ]
+        reserved = dict(db.execute("SELECT scope, reserved FROM budgets").fetchall())
+        return active, reserved, db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    finally:
+        db.close()
 
 
 def create_budgets(ledger: Ledger, tight: str) -> dict[str, int]:
@@ -101,16 +140,14 @@ def check_levels(
             "allocated": allocations[scope], "spent": spent[scope], "reserved": reserved[scope], "debt": 0,
             "remaining": allocations[scope] - spent[scope] - reserved[scope],
         }, scope  # fmt: skip
-    db = sqlite3.connect(path)
-    try:
-        held = Counter[str]()
-        for estimate, scopes in db.execute("SELECT estimate, budgeted_scopes FROM reservations WHERE status='ACTIVE'"):
-            for scope in json.loads(scopes):
-                held[scope] += estimate
-        for scope, stored in db.execute("SELECT scope, reserved FROM budgets"):
-            assert stored == held[scope], (scope, stored, held[scope])
-    finally:
-        db.close()
+    active, stored_reserved, _events = stored_rows(path)
+    held = Counter[str]()
+    for estimate, scopes in active:
+        for scope in scopes:
+            held[scope] += estimate
+    assert set(stored_reserved) == set(SCOPES)
+    for scope, stored in stored_reserved.items():
+        assert stored == held[scope], (scope, stored, held[scope])
 
 
 def run_threads(tasks: list[Callable[[], Any]], threads: int = THREADS) -> list[tuple[str, Any]]:
@@ -303,11 +340,7 @@ def test_identical_keyed_requests_mutate_once(db_path, clock, stores, mode):
     body = same(lambda lg: lg.event(event, tenant="acme"))
     assert body["charged"] == amt(33)
     check_levels(ledger, db_path, allocations, dict.fromkeys(SCOPES, 0), {T: 153, W: 153, A: 153, B_: 0})
-    db = sqlite3.connect(db_path)
-    try:
-        assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1
-    finally:
-        db.close()
+    assert stored_rows(db_path)[2] == 1
 
 
 @pytest.mark.parametrize("mode", ["shared", "per-thread"])
@@ -349,7 +382,8 @@ def finishes(call: Callable[[], Any]) -> tuple[str, Any]:
     return box[0]
 
 
-def test_locked_store_raises_store_busy_instead_of_hanging(db_path, clock, stores):
+def test_locked_store_raises_store_busy_instead_of_hanging(sqlite_path, clock, stores):
+    db_path = sqlite_path
     ledger = open_ledger(db_path, clock, stores, busy_timeout=0.2)
     create_budgets(ledger, A)
     held = ledger.reserve(reserve_request("before-lock", AGENT_A), tenant="acme").reservation_id

@@ -1,6 +1,7 @@
 """Property tests of the ledger: a hypothesis state machine checks PROTOCOL.md section 8 after every step.
 
-The machine drives one `Ledger(SQLiteStore(":memory:"))` on a movable clock over a hierarchy
+The machine drives one `Ledger(SQLiteStore(":memory:"))` (and, in TestRedisLedgerStateMachine, one Ledger on a Redis
+store) on a movable clock over a hierarchy
 
     tenant:acme                                  always budgeted
     tenant:acme/workspace:w                      budgeted or not
@@ -29,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note
 from hypothesis import strategies as st
@@ -119,9 +121,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock(start_ms=1_700_000_000_000)
-        self.store = SQLiteStore(":memory:")
+        self.store, self.copy_store = self.open_stores()
         self.ledger = Ledger(self.store, clock=self.clock)
-        self.copy_store = SQLiteStore(":memory:")
         self.copy = Ledger(self.copy_store, clock=self.clock)
         self.budgets: dict[str, MBudget] = {}
         self.res: dict[str, MRes] = {}
@@ -221,8 +222,13 @@ class LedgerMachine(RuleBasedStateMachine):
         for s in outcome.flags:
             self.budgets[s].over = True
 
-    # ---------------------------------------------------------------------------------------------- observe
-    def raw(self) -> tuple:
+    # ------------------------------------------------------------------------------------- the store's own view
+    # (the few places that look at the store itself, below the rules; RedisLedgerMachine has its own)
+    def open_stores(self) -> tuple[Any, Any]:
+        """The ledger's store and an empty one to copy it into."""
+        return SQLiteStore(":memory:"), SQLiteStore(":memory:")
+
+    def raw(self) -> Any:
         """Every row of every table of the real ledger (no sweep, no copy)."""
         db = self.store._db
         assert db is not None
@@ -231,14 +237,46 @@ class LedgerMachine(RuleBasedStateMachine):
             for table in ("budgets", "reservations", "idempotency", "events", "tenants", "api_keys")
         )
 
-    def observe(self) -> View:
+    def changes(self) -> Any:
+        """Changes whenever the real ledger's data does."""
+        assert self.store._db is not None
+        return self.store._db.total_changes
+
+    def copy_to_observer(self) -> None:
+        assert self.store._db is not None and self.copy_store._db is not None
+        self.store._db.backup(self.copy_store._db)
+
+    def due_count(self) -> int:
+        """ACTIVE reservations past expires + grace, read below the rules."""
         db = self.store._db
         assert db is not None
-        cache_key = (db.total_changes, self.now)
+        return db.execute(
+            "SELECT COUNT(*) FROM reservations WHERE status = 'ACTIVE' AND expires_at_ms + grace_ms < ?", (self.now,)
+        ).fetchone()[0]
+
+    def stored_reservations(self) -> list[tuple[str, str, int, list[str], int, int]]:
+        """(id, status, estimate, budgeted scopes, expires_at_ms, grace_ms) of every stored reservation."""
+        db = self.store._db
+        assert db is not None
+        return [
+            (rid, status, est, json.loads(scopes), expires, grace)
+            for rid, status, est, scopes, expires, grace in db.execute(
+                "SELECT reservation_id, status, estimate, budgeted_scopes, expires_at_ms, grace_ms FROM reservations"
+            )
+        ]
+
+    def stored_reserved(self) -> dict[str, int]:
+        """scope -> reserved, as stored."""
+        db = self.store._db
+        assert db is not None
+        return dict(db.execute("SELECT scope, reserved FROM budgets").fetchall())
+
+    # ---------------------------------------------------------------------------------------------- observe
+    def observe(self) -> View:
+        cache_key = (self.changes(), self.now)
         if cache_key == self._view_key and self._view is not None:
             return self._view
-        assert self.copy_store._db is not None
-        db.backup(self.copy_store._db)
+        self.copy_to_observer()
         balances = self.copy.balances(
             {"tenant": TENANT, "include_children": True, "limit": 200}, tenant=TENANT
         ).balances
@@ -784,11 +822,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def sweep(self):
-        db = self.store._db
-        assert db is not None
-        due = db.execute(
-            "SELECT COUNT(*) FROM reservations WHERE status = 'ACTIVE' AND expires_at_ms + grace_ms < ?", (self.now,)
-        ).fetchone()[0]
+        due = self.due_count()
         pre = self.observe()
         assert self.ledger.sweep() == due
         self.check_unchanged(pre, self.observe(), "sweep")
@@ -933,22 +967,18 @@ class LedgerMachine(RuleBasedStateMachine):
             self.seen_expires[rid] = o["expires"]
             assert r.extensions <= MAX_EXTENSIONS
         # the real (unswept) tables: reserved = sum of estimates of rows still ACTIVE; past-due rows only lag
-        db = self.store._db
-        assert db is not None
         held: dict[str, int] = dict.fromkeys(self.budgets, 0)
-        for rid, status, est, scopes, expires, grace in db.execute(
-            "SELECT reservation_id, status, estimate, budgeted_scopes, expires_at_ms, grace_ms FROM reservations"
-        ):
+        for rid, status, est, scopes, expires, grace in self.stored_reservations():
             m = self.res[rid]
             if status == "ACTIVE":
-                for s in json.loads(scopes):
+                for s in scopes:
                     held[s] += est
                 assert m.status == "ACTIVE", (rid, status, m.status)
             elif status == "EXPIRED":
                 assert self.mstatus(m) == "EXPIRED" and self.now > expires + grace
             else:
                 assert status == m.status
-        for scope, reserved in db.execute("SELECT scope, reserved FROM budgets"):
+        for scope, reserved in self.stored_reserved().items():
             assert reserved == held[scope], (scope, reserved, held[scope])
 
 
@@ -965,3 +995,72 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestLedgerStateMachine = LedgerMachine.TestCase
+
+
+class RedisLedgerMachine(LedgerMachine):
+    """The same machine on the Redis store: db 0 of the session's redis-server, observed through a copy in db 1."""
+
+    url = ""  # set by the fixture below (the session's redis-server)
+
+    def open_stores(self) -> tuple[Any, Any]:
+        from cycles.ledger.redis import open_redis
+
+        store, copy = open_redis(self.url), open_redis(self.url[: -len("/0")] + "/1")
+        store.redis.flushdb()
+        copy.redis.flushdb()
+        return store, copy
+
+    def raw(self) -> Any:
+        r = self.store.redis
+        out = []
+        for key in sorted(r.keys("*")):
+            kind = r.type(key)
+            if kind == "hash":
+                out.append((key, tuple(sorted(r.hgetall(key).items()))))
+            elif kind == "zset":
+                out.append((key, tuple(r.zrange(key, 0, -1, withscores=True))))
+            else:
+                out.append((key, r.get(key)))
+        return tuple(out)
+
+    def changes(self) -> Any:
+        return self.raw()
+
+    def copy_to_observer(self) -> None:
+        r = self.store.redis
+        copy = self.copy_store
+        copy.redis.flushdb()
+        pipe = r.pipeline(transaction=False)
+        for key in r.keys("*"):
+            pipe.copy(key, key, destination_db=1)
+        pipe.execute()
+        copy.cache.clear()  # the copy was replaced wholesale: what its store remembers is another history
+        copy.pointers.clear()
+
+    def _records(self, kind: str) -> list[dict[str, Any]]:
+        r = self.store.redis
+        return [json.loads(r.hget(key, "d")) for key in r.keys("{t:acme}:" + kind + ":*")]
+
+    def due_count(self) -> int:
+        return self.store.redis.zcount("{t:acme}:ttl", "-inf", f"({self.now}")
+
+    def stored_reservations(self) -> list[tuple[str, str, int, list[str], int, int]]:
+        return [
+            (d["reservation_id"], d["status"], d["estimate"], d["budgeted_scopes"], d["expires_at_ms"], d["grace_ms"])
+            for d in self._records("r")
+        ]
+
+    def stored_reserved(self) -> dict[str, int]:
+        return {d["scope"]: d["reserved"] for d in self._records("b")}
+
+
+RedisLedgerMachine.TestCase.settings = settings(
+    LedgerMachine.TestCase.settings,
+    max_examples=int(os.environ.get("CYCLES_PROPERTY_EXAMPLES", "40")),
+)
+
+
+class TestRedisLedgerStateMachine(RedisLedgerMachine.TestCase):  # type: ignore[misc,valid-type]
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_session: Any) -> None:
+        RedisLedgerMachine.url = redis_session.url

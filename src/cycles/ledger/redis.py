@@ -18,13 +18,19 @@ the sweep walk it) and write-once pointers from ids the rules look up without a 
 before the transaction that needs them commits (a pointer to nothing is harmless: the lookup finds no record) and
 never change afterwards.
 
-Transactions are optimistic. Every record is a hash {v: version, d: JSON}. A transaction reads records (from Redis,
-or from this process's cache of records it has seen, which may be stale), hands the rules objects, and buffers
-their writes. At the end ONE Lua script per tenant slot (loaded once, run with EVALSHA) gets every key it touches in
-KEYS, checks that each record read still has the version it had, and then applies every write, or applies nothing
-and returns the current copies of the records that changed: the cache takes them and the whole operation runs
-again (`retrying`, bounded, with jitter). A transaction that only read one record straight from Redis needs no
-check; a refusal (a CyclesError) is checked too before it is believed, since it may rest on a stale record.
+Transactions are optimistic. Every record is a hash {v: version, d: JSON}; a version is random, new at each write
+(a counter could meet another writer's same count). A transaction reads records (from Redis, or from this process's
+cache of records it has seen, which may be stale), hands the rules objects, and buffers their writes. At the end ONE
+Lua script per tenant slot (loaded once, run with EVALSHA) gets every key it touches in KEYS, checks that each
+record read still has the version it had, and then applies every write; or it applies nothing and returns the
+current copies of the records that changed: the cache takes them and the whole operation runs again (`retrying`,
+bounded, with jitter). A transaction that only read one record straight from Redis needs no check; a refusal (a
+CyclesError) is checked too before it is believed, since it may rest on a stale record. In the steady state an
+operation is one round trip.
+
+The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, their
+scripts in one pipeline, so a round trip is shared by every call of the batch; a call whose records another process
+changed fails alone and runs again by itself.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
 first): each tenant's writes then commit in their own script, the operation's own tenant (the last one written)
@@ -44,9 +50,12 @@ walking every tenant's TTL index; both fit thousands of records per tenant, not 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import random
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pydantic_core import from_json, to_json
@@ -71,37 +80,49 @@ try:
 except ImportError:  # pragma: no cover - the redis extra is not installed
     redis = None  # type: ignore[assignment]
 
-# Check the versions read, then apply the writes; or apply nothing and return the changed records.
-# ARGV: n, the n expected versions (of KEYS[1..n]), then ops: P k data | Z k score member | X k member.
+# One slot's part of one or more transactions, in order: for each, check the versions it read, then apply its writes;
+# or apply nothing of it and report the records that changed. KEYS[1]: the slot's turn (see `take_turn`), then every
+# key the parts touch; ARGV[1]: JSON [[checks, ops], ...] with checks [key index, version, ...] and ops
+# P k version data | Z k score member | X k member; ARGV[2]: this store's owner token. Answers JSON: per part, 0
+# (committed) or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn.
+# Only strings cross: no number of the ledger ever becomes a Lua double.
 COMMIT = """
-local n = tonumber(ARGV[1])
-local changed = {}
-for i = 1, n do
-  local v = redis.call('HGET', KEYS[i], 'v') or '0'
-  if v ~= ARGV[i + 1] then
-    local now = redis.call('HMGET', KEYS[i], 'v', 'd')
-    changed[#changed + 1] = KEYS[i]
-    changed[#changed + 1] = now[1] or '0'
-    changed[#changed + 1] = now[2] or ''
+local turn = redis.call('GET', KEYS[1])
+if turn and turn ~= ARGV[2] then return '"turn"' end
+local parts = cjson.decode(ARGV[1])
+local out = {}
+for p = 1, #parts do
+  local checks, ops = parts[p][1], parts[p][2]
+  local changed = {}
+  for c = 1, #checks, 2 do
+    local key = KEYS[checks[c]]
+    if (redis.call('HGET', key, 'v') or '0') ~= checks[c + 1] then
+      local now = redis.call('HMGET', key, 'v', 'd')
+      changed[#changed + 1] = key
+      changed[#changed + 1] = now[1] or '0'
+      changed[#changed + 1] = now[2] or ''
+    end
   end
-end
-if #changed > 0 then return changed end
-local i = n + 2
-while i <= #ARGV do
-  local op, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if op == 'P' then
-    redis.call('HINCRBY', key, 'v', 1)
-    redis.call('HSET', key, 'd', ARGV[i + 2])
-    i = i + 3
-  elseif op == 'Z' then
-    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
-  else
-    redis.call('ZREM', key, ARGV[i + 2])
-    i = i + 3
+  if #changed == 0 then
+    local i = 1
+    while i <= #ops do
+      local op, key = ops[i], KEYS[ops[i + 1]]
+      if op == 'P' then
+        redis.call('HSET', key, 'v', ops[i + 2], 'd', ops[i + 3])
+        i = i + 4
+      elseif op == 'Z' then
+        redis.call('ZADD', key, ops[i + 2], ops[i + 3])
+        i = i + 4
+      else
+        redis.call('ZREM', key, ops[i + 2])
+        i = i + 3
+      end
+    end
+    changed = 0
   end
+  out[p] = changed
 end
-return changed
+return cjson.encode(out)
 """
 
 # The sweep lease: take it when free, extend it when ours; 1 when this owner holds it.
@@ -114,6 +135,8 @@ return 0
 UNLEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 TENANTS = "cycles:tenants"
+TURN = ["turn"]  # an answer: another store holds the slot's turn
+TURN_MS = 250  # a turn lapses by itself this long after its holder took it (should the holder die)
 CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every record used is checked at commit)
 CLOCK_RESAMPLE_S = 5.0
 
@@ -161,6 +184,10 @@ class RedisTransaction:
         self._inserted: set[str] = set()  # keys that must not exist yet (DuplicateKey otherwise)
         self._expired: set[str] = set()  # reservation ids this transaction took off a TTL index
         self._last_slot: str | None = None
+        self._versions: dict[str, str] = {}  # key -> the version its write gets
+        self._datas: dict[str, str] = {}  # key -> the JSON its write stores
+        batch = store.open_batch
+        self._batch = batch if batch is not None and batch.thread == threading.get_ident() else None
 
     def now_ms(self) -> int:
         return self._store.now_ms()
@@ -169,6 +196,12 @@ class RedisTransaction:
     def _get(self, keys: Sequence[str]) -> list[str | None]:
         """The data of each key (None: absent), as first seen by this transaction."""
         cache = self._store.cache
+        batch = self._batch
+        if batch is not None:  # what earlier transactions of this batch wrote, as it will be once they commit
+            for k in keys:
+                if k not in self._read and k in batch.overlay:
+                    self._read[k] = batch.overlay[k]
+                    self._cached = True
         missing = [k for k in keys if k not in self._read and k not in cache]
         if missing:
             with self._store.errors():
@@ -226,97 +259,104 @@ class RedisTransaction:
         self._pointers[pointer] = value
 
     # ------------------------------------------------------------------------------------------------ commit
-    def _groups(self) -> dict[str, tuple[list[str], list[str], list[Any]]]:
-        """Per slot: (keys checked, KEYS, ARGV) of its commit script."""
-        groups: dict[str, tuple[list[str], dict[str, int], list[str], list[Any]]] = {}
+    def _parts(self) -> dict[str, _Part]:
+        """Per slot: the versions to check and the writes to apply there."""
+        parts: dict[str, _Part] = {}
 
-        def group(slot: str) -> tuple[list[str], dict[str, int], list[str], list[Any]]:
-            g = groups.get(slot)
-            if g is None:
-                g = groups[slot] = ([], {}, [], [])
-            return g
+        def part(key: str) -> _Part:
+            slot = _slot_of(key)
+            found = parts.get(slot)
+            if found is None:
+                found = parts[slot] = _Part([], [])
+            return found
 
-        def index(g: Any, key: str) -> int:
-            at = g[1].get(key)
-            if at is None:
-                g[2].append(key)
-                at = g[1][key] = len(g[2])
-            return at
-
-        written = set(self._writes) | self._inserted
-        for key in list(self._read) + [k for k in written if k not in self._read]:
-            g = group(_slot_of(key))
-            index(g, key)
-            g[0].append(self._read[key][0] if key in self._read else "0")
-        for key, (value, names) in self._writes.items():
-            g = group(_slot_of(key))
-            data = to_json(value).decode() if names is None else _dump(value, names)
-            g[3].extend(("P", index(g, key), data))
+        read = self._read
+        for key, (version, _data) in read.items():
+            part(key).checks.append((key, version))
+        for key in self._writes.keys() | self._inserted:
+            if key not in read:  # written without being read: it must not exist yet
+                part(key).checks.append((key, "0"))
+        for key in self._writes:
+            part(key).ops.append(("P", key, self._version(key), self._data(key)))
         for op in self._index:
-            g = group(_slot_of(op[1]))
-            g[3].extend((op[0], index(g, op[1]), *op[2:]))
-        return {slot: (g[2][: len(g[0])], g[2], [len(g[0]), *g[0], *g[3]]) for slot, g in groups.items()}
+            part(op[1]).ops.append(op)
+        return parts
 
     def _commit(self, *, check_only: bool) -> None:
-        store = self._store
+        plan = self._plan(check_only)
+        if plan is None:
+            return
+        batch = self._batch
+        if batch is not None:  # sent with the rest of the batch, which settles it (see _Batch)
+            batch.add(plan)
+            return
+        with self._store.errors():
+            (results,) = _send([plan], self._store)
+        self._settle(plan, results)
+
+    def _plan(self, check_only: bool) -> _Plan | None:
+        """What commits (or only checks) this transaction, per slot; None when it needs nothing."""
         writing = bool(self._writes or self._index) and not check_only
         if not writing and (not self._read or (len(self._read) == 1 and not self._cached)):
-            return  # nothing written, and what was read is one record as Redis had it: consistent by itself
+            return None  # nothing written, and what was read is one record as Redis had it: consistent by itself
         if check_only:
-            self._writes, self._index = {}, []
-        groups = self._groups()
-        if writing:
-            primary = self._last_slot
-            # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
-            groups = {s: g for s, g in groups.items() if len(g[2]) > 1 + g[2][0] or s == primary}
-            order = [s for s in groups if s != primary] + [primary]
-        else:
-            primary, order = None, list(groups)
-        with store.errors():
-            if self._pointers:
-                store.set_pointers(self._pointers, groups_follow=True)
-            tenants = {_slot_of(k)[3:-1] for k in self._writes} | {_slot_of(op[1])[3:-1] for op in self._index}
-            store.index_tenants(tenants)
-            pipe = self._r.pipeline(transaction=False)
-            for slot in order:
-                _checked, keys, argv = groups[slot]
-                pipe.evalsha(store.commit_sha, len(keys), *keys, *argv)
-            try:
-                results = pipe.execute()
-            except redis.exceptions.NoScriptError:
-                store.load_scripts()
-                results = self._r.pipeline(transaction=False)
-                for slot in order:
-                    _checked, keys, argv = groups[slot]
-                    results.evalsha(store.commit_sha, len(keys), *keys, *argv)
-                results = results.execute()
+            self._writes, self._index, self._pointers = {}, [], {}
+        parts = self._parts()
+        primary = self._last_slot if writing else None
+        if writing:  # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
+            parts = {slot: p for slot, p in parts.items() if p.ops or slot == primary}
+        return _Plan(self, parts, primary, writing)
+
+    def _settle(self, plan: _Plan, answers: dict[str, Any]) -> None:
+        """Take the scripts' answers: remember what was written, or raise Conflict (DuplicateKey) with nothing done."""
+        store = self._store
         failed = False
-        for slot, result in zip(order, results, strict=True):
-            if result:
-                changed = {result[i]: (result[i + 1], result[i + 2] or None) for i in range(0, len(result), 3)}
-                store.cache.update(changed)
-                if primary is None or slot == primary:
+        contended: list[str] = []
+        for slot, answer in answers.items():
+            if answer:
+                contended.append(slot)
+                changed = {}
+                if answer is not TURN:
+                    changed = {answer[i]: (answer[i + 1], answer[i + 2] or None) for i in range(0, len(answer), 3)}
+                    store.cache.update(changed)
+                if plan.primary is None or slot == plan.primary:
                     failed = True
                     # another reserve took this idempotency key first: the rules replay it
                     taken = [k for k in changed if ":rk:" in k and k in self._inserted and changed[k][1] is not None]
-                    if taken and writing:
+                    if taken and plan.writing and self._batch is None:
                         store.forget_pointers(self._pointers)
                         raise DuplicateKey(taken[0])
         if failed:
-            if writing:
+            if plan.writing:
                 store.forget_pointers(self._pointers)
-            raise Conflict("records read by this transaction changed before it could commit")
-        if writing:
+            conflict = Conflict("records read by this transaction changed before it could commit")
+            conflict.take_turn = functools.partial(store.take_turn, contended)  # type: ignore[attr-defined]
+            raise conflict
+        if plan.writing:
             self._remember_written()
+
+    def _version(self, key: str) -> str:
+        """The version this transaction's write gives `key`: unique (random), so a version seen twice is the same
+        write, whoever else wrote the record meanwhile (a counter could meet another writer's same count)."""
+        version = self._versions.get(key)
+        if version is None:
+            version = self._versions[key] = os.urandom(8).hex()
+        return version
+
+    def _data(self, key: str) -> str:
+        """The JSON written at `key` (once the transaction ends: its records no longer change)."""
+        data = self._datas.get(key)
+        if data is None:
+            value, names = self._writes[key]
+            data = self._datas[key] = to_json(value).decode() if names is None else _dump(value, names)
+        return data
 
     def _remember_written(self) -> None:
         cache = self._store.cache
         if len(cache) > CACHE_LIMIT:
             cache.clear()
-        for key, (value, names) in self._writes.items():
-            data = to_json(value).decode() if names is None else _dump(value, names)
-            version = self._read[key][0] if key in self._read else "0"
-            cache[key] = (str(int(version) + 1), data)
+        for key in self._writes:
+            cache[key] = (self._version(key), self._data(key))
 
     # ------------------------------------------------------------------------------------------------ idempotency
     def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None:
@@ -352,6 +392,7 @@ class RedisTransaction:
 
     # ---------------------------------------------------------------------------------------------------- budgets
     @staticmethod
+    @functools.lru_cache(maxsize=4096)  # the same few ledgers again and again
     def _budget_key(unit: str, scope: str) -> str:
         return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
 
@@ -577,6 +618,117 @@ class RedisTransaction:
         return found
 
 
+@dataclasses.dataclass(slots=True)
+class _Part:
+    """One slot's part of a transaction: versions to check, then writes (ops naming their keys)."""
+
+    checks: list[tuple[str, str]]
+    ops: list[tuple[str, ...]]
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    tx: RedisTransaction
+    parts: dict[str, _Part]  # by slot
+    primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
+    writing: bool
+
+
+def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
+    """Every plan's pointers, then one script per slot running that slot's parts of every plan in order, all in one
+    round trip; for each plan, its answer per slot."""
+    pointers: dict[str, str] = {}
+    tenants: set[str] = set()
+    slots: dict[str, list[tuple[int, _Part]]] = {}
+    for n, plan in enumerate(plans):
+        pointers.update(plan.tx._pointers)
+        for slot, part in plan.parts.items():
+            slots.setdefault(slot, []).append((n, part))
+            if part.ops:
+                tenants.add(slot[3:-1])
+    store.index_tenants(tenants)
+    calls = []
+    for slot, parts in slots.items():
+        keys: dict[str, int] = {slot + ":turn": 1}
+
+        def at(key: str, keys: dict[str, int] = keys) -> int:
+            return keys.setdefault(key, len(keys) + 1)
+
+        payload = [
+            [
+                [x for key, version in part.checks for x in (at(key), version)],
+                [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
+            ]
+            for _n, part in parts
+        ]
+        calls.append((slot, list(keys), to_json(payload).decode()))
+    for attempt in (1, 2):
+        pipe = store.redis.pipeline(transaction=False)
+        if pointers and store.cluster:  # each in its own slot: set (and answered) before any script runs
+            store.set_pointers(pointers)
+        elif pointers:  # one connection runs a pipeline in order: the pointers first, in the same round trip
+            for pointer, value in pointers.items():
+                pipe.set(pointer, value)
+        for _slot, keys, payload in calls:
+            # (a cluster pipeline refuses .evalsha, yet routes EVALSHA by its keys)
+            pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner)
+        try:
+            results = pipe.execute()
+            break
+        except redis.exceptions.NoScriptError:  # Redis restarted (its script cache is not persisted)
+            if attempt == 2:
+                raise
+            store.load_scripts()
+    if pointers and not store.cluster:
+        results = results[len(pointers) :]
+    for pointer, value in pointers.items():
+        store.remember_pointer(pointer, value)
+    answers: list[dict[str, Any]] = [{} for _ in plans]
+    for (slot, _keys, _payload), result in zip(calls, results, strict=True):
+        result = from_json(result)
+        for n, _part in slots[slot]:
+            answers[n][slot] = TURN if result == "turn" else None
+        if result != "turn":
+            for (n, _part), answer in zip(slots[slot], result, strict=True):
+                answers[n][slot] = answer or None
+    return answers
+
+
+class _Batch:
+    """`with store.batch() as batch:` the transactions this thread runs inside are sent together at the end, one
+    round trip for all. A transaction reads what earlier ones of the batch wrote (`overlay`, with the versions their
+    scripts will give it), so each script checks against its predecessors' writes: when one fails, every later one
+    that read its writes fails too, and nothing else. The caller tags each piece of work (`current`) and runs again,
+    on its own, each one listed in `failed` afterwards."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.thread = threading.get_ident()
+        self.overlay: dict[str, tuple[str, str | None]] = {}
+        self.plans: list[tuple[Any, _Plan]] = []
+        self.current: Any = None
+        self.failed: set[Any] = set()
+
+    def add(self, plan: _Plan) -> None:
+        self.plans.append((self.current, plan))
+        tx = plan.tx
+        if plan.writing:
+            for key in tx._writes:
+                self.overlay[key] = (tx._version(key), tx._data(key))
+
+    def flush(self) -> None:
+        if not self.plans:
+            return
+        plans = [plan for _work, plan in self.plans]
+        with self.store.errors():
+            answers = _send(plans, self.store)
+        for (work, plan), results in zip(self.plans, answers, strict=True):
+            try:
+                plan.tx._settle(plan, results)
+            except Conflict:
+                self.failed.add(work)
+
+
 def _matches(r: ReservationRecord, flt: ReservationFilter) -> bool:
     subject = r.subject
     for level, value in flt.levels.items():
@@ -613,6 +765,9 @@ class RedisStore:
         self.cache: dict[str, tuple[str, str | None]] = {}
         self.pointers: dict[str, str] = {}
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
+        self.open_batch: _Batch | None = None
+        self.owner = os.urandom(8).hex()  # this store's token in the slots' turns
+        self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
         self._lock = threading.Lock()
@@ -623,13 +778,9 @@ class RedisStore:
         return _Unavailable(self)
 
     def load_scripts(self) -> None:
-        with self.errors():
-            if self.cluster:
-                self.commit_sha = self.redis.script_load(COMMIT)  # redis-py loads it on every primary
-                self.lease_sha = self.redis.script_load(LEASE)
-            else:
-                self.commit_sha = self.redis.script_load(COMMIT)
-                self.lease_sha = self.redis.script_load(LEASE)
+        with self.errors():  # on a cluster, redis-py loads them on every primary
+            self.commit_sha = self.redis.script_load(COMMIT)
+            self.lease_sha = self.redis.script_load(LEASE)
 
     def now_ms(self) -> int:
         """Redis's clock, sampled every few seconds and advanced by the local monotonic clock meanwhile."""
@@ -646,9 +797,11 @@ class RedisStore:
     def transaction(self, *, readonly: bool = False) -> _Atomic:
         return _Atomic(self)
 
-    def batch(self) -> _NoBatch:
-        """Each Redis transaction commits on its own (one script): a batch groups nothing."""
-        return _NoBatch()
+    def batch(self) -> _BatchScope:
+        """`with store.batch() as batch:` the transactions this thread runs inside commit together at the end, in
+        one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
+        the batch may fail at the end on its own (`batch.failed`), and is then run again by itself."""
+        return _BatchScope(self)
 
     def close(self) -> None:
         self.redis.close()
@@ -659,7 +812,7 @@ class RedisStore:
             self.pointers.clear()
         self.pointers[pointer] = value
 
-    def set_pointers(self, pointers: dict[str, str], *, groups_follow: bool) -> None:
+    def set_pointers(self, pointers: dict[str, str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for pointer, value in pointers.items():
             pipe.set(pointer, value)
@@ -685,11 +838,43 @@ class RedisStore:
             self.redis.zadd(TENANTS, {t: 0 for t in new})
             self._indexed |= new
 
+    def ping(self) -> None:
+        with self.errors():
+            self.redis.ping()
+
     # -------------------------------------------------------------------------------------------------- lease
     def hold_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or extend the lease `name` for `owner`; True while this owner holds it."""
         with self.errors():
-            return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+            try:
+                return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+            except redis.exceptions.NoScriptError:  # Redis restarted (its script cache is not persisted)
+                self.load_scripts()
+                return bool(self.redis.evalsha(self.lease_sha, 1, "cycles:lease:" + name, owner, ttl_ms))
+
+    def take_turn(self, slots: list[str], timeout: float = 2.0) -> Callable[[], None]:
+        """Hold the turn of these slots: while it is held, other stores' commits there fail at once (and wait for
+        their turn in their own retries). `retrying` takes it after a second conflict in a row, so that a process
+        whose records keep being changed by others gets through; returns the function that gives it back."""
+        keys = [slot + ":turn" for slot in slots]
+        taken: list[str] = []
+        deadline = time.monotonic() + timeout
+        with self.errors():
+            for key in keys:
+                while not self.redis.set(key, self.owner, nx=True, px=TURN_MS):
+                    if self.redis.get(key) == self.owner or time.monotonic() > deadline:
+                        break
+                    time.sleep(random.uniform(0.0005, 0.002))
+                taken.append(key)
+
+        def give_back() -> None:
+            try:
+                for key in taken:
+                    self.redis.eval(UNLEASE, 1, key, self.owner)
+            except redis.exceptions.RedisError:
+                pass  # it lapses by itself
+
+        return give_back
 
     def drop_lease(self, name: str, owner: str) -> None:
         with self.errors():
@@ -735,12 +920,22 @@ class _Atomic:
             self._tx._commit(check_only=True)  # a refusal resting on a stale record is no refusal: run again
 
 
-class _NoBatch:
-    def __enter__(self) -> None:
-        return None
+class _BatchScope:
+    __slots__ = ("_store", "_batch")
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> _Batch:
+        if self._store.open_batch is not None:
+            raise RuntimeError("batches do not nest")
+        self._batch = self._store.open_batch = _Batch(self._store)
+        return self._batch
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._store.open_batch = None
+        if exc_type is None:
+            self._batch.flush()
 
 
 def open_redis(url: str) -> RedisStore:

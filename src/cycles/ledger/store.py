@@ -174,17 +174,26 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def retrying(operation: F) -> F:
     """Run `operation` again while its transaction meets a Conflict: at once the first time (the store has just
-    refreshed what changed), then after a short random pause growing with each attempt, so that processes racing
-    for the same records stop colliding. Bounded: StoreBusy after CONFLICT_ATTEMPTS."""
+    refreshed what changed); after that with this process's turn on the contended records when the store offers one
+    (`Conflict.take_turn`: others' commits there wait meanwhile, so no process starves), else after a short random
+    pause. Bounded: StoreBusy after CONFLICT_ATTEMPTS."""
 
     @functools.wraps(operation)
     def run(*args: Any, **kwargs: Any) -> Any:
-        for attempt in range(CONFLICT_ATTEMPTS):
-            try:
-                return operation(*args, **kwargs)
-            except Conflict:
-                if attempt:
-                    time.sleep(random.uniform(0, min(0.0002 * 2**attempt, 0.02)))
+        give_back: Callable[[], None] | None = None
+        try:
+            for attempt in range(CONFLICT_ATTEMPTS):
+                try:
+                    return operation(*args, **kwargs)
+                except Conflict as conflict:
+                    take_turn = getattr(conflict, "take_turn", None)
+                    if attempt and take_turn is not None and give_back is None:
+                        give_back = take_turn()
+                    elif attempt:
+                        time.sleep(random.uniform(0, min(0.0002 * 2**attempt, 0.02)))
+        finally:
+            if give_back is not None:
+                give_back()
         from ..errors import StoreBusy
 
         raise StoreBusy(f"the records of this operation kept changing under {CONFLICT_ATTEMPTS} attempts")

@@ -55,6 +55,9 @@ def create_app(ledger: Ledger, *, admin_api_key: str | None, sweep_interval: flo
 
     async def readyz(request: Request) -> Response:
         def ping() -> None:
+            check = getattr(ledger.store, "ping", None)  # a networked store: is it reachable?
+            if check is not None:
+                check()
             with ledger.store.transaction():
                 pass
 

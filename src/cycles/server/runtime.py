@@ -44,7 +44,12 @@ class RuntimeAPI:
         self.auth = auth
         # taken by the dispatcher around the ledger work, a batch of calls at a time, each batch one store transaction
         path = lock_file_for(ledger, "write")
-        self.write_lock = WriteLock(path, ledger.store.batch) if path else WriteLock(None)
+        if path:
+            self.write_lock = WriteLock(path, ledger.store.batch)
+        elif getattr(ledger.store, "remote_batches", False):  # Redis: no lock, one round trip per batch
+            self.write_lock = WriteLock(None, ledger.store.batch, batch_only=True)
+        else:
+            self.write_lock = WriteLock(None)
 
     def _post(
         self,

@@ -21,6 +21,11 @@ How the lock is used, and why:
 
 Only the runtime calls take it; admin calls and the sweep (worker threads, rare) rely on SQLite's busy timeout.
 In-memory stores and platforms without fcntl need no lock: `run` then does the work at once, in its own transaction.
+
+A store whose transactions are optimistic and remote (Redis) needs no lock either, but gains from the batches: the
+calls handed over in one event loop iteration are committed together, in one round trip (`batch_only`). There a
+call of the batch may fail alone (`batch.failed`: what it read was changed by another process): it runs again by
+itself, outside the batch, before anyone is answered.
 """
 
 from __future__ import annotations
@@ -59,9 +64,16 @@ class WriteLock:
     event loop. Opened lazily in the process that uses it: a lock file descriptor inherited across fork would be one
     lock shared by both processes."""
 
-    def __init__(self, path: str | None, together: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        together: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        *,
+        batch_only: bool = False,
+    ) -> None:
         self.path = path
         self.together = together
+        self.batch_only = batch_only  # batches without a lock (see the module docstring)
         self._fd: int | None = None
         self._pid = 0
         self._batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
@@ -77,13 +89,13 @@ class WriteLock:
         return self._fd
 
     async def run(self, work: Callable[[], T]) -> T:
-        if self.path is None or self._open() is None:
+        if not self.batch_only and (self.path is None or self._open() is None):
             return work()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._batch.append((work, done))
         if len(self._batch) == 1:  # the first of this batch: run it once the loop has gathered the rest
-            loop.call_soon(self._take, loop)
+            loop.call_soon(self._run_batch if self.batch_only else self._take, loop)
         return await done
 
     def _take(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -106,24 +118,27 @@ class WriteLock:
         else:
             self._run_batch()
 
-    def _run_batch(self) -> None:
+    def _run_batch(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         batch, self._batch = self._batch, []
         outcomes: dict[asyncio.Future[Any], tuple[bool, Any]] = {}  # caller -> (succeeded, result or exception)
         failure: Exception | None = None
         try:
             try:
-                with self.together():
+                with self.together() as together:
                     for work, done in batch:
                         if done.cancelled():  # nobody waits for it any more: not done at all
                             continue
-                        try:
-                            outcomes[done] = (True, work())
-                        except Exception as exc:
-                            outcomes[done] = (False, exc)
+                        if together is not None:
+                            together.current = done  # tags the work's transactions (an optimistic store's batch)
+                        outcomes[done] = _attempt(work)
+                for work, done in batch:  # failed alone at the batch's end: again, by itself
+                    if together is not None and done in together.failed:
+                        outcomes[done] = _attempt(work)
             except Exception as exc:  # the batch did not begin, or did not commit: none of it happened
                 failure = exc
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+                if not self.batch_only:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
         except BaseException:
             self._answer(batch, {}, asyncio.CancelledError())
             raise
@@ -150,3 +165,10 @@ class WriteLock:
     def _fail(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, []
         self._answer(batch, {}, exc)
+
+
+def _attempt(work: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, work()
+    except Exception as exc:
+        return False, exc

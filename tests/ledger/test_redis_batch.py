@@ -1,0 +1,71 @@
+"""`RedisStore.batch()`: the transactions of a batch commit together in one round trip, each all or nothing; one
+whose reads another process changed fails alone, with every later one that read its writes, and is listed in
+`batch.failed` (the server runs those again by themselves)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cycles.ledger import Ledger
+from cycles.ledger.redis import open_redis
+
+USD = "USD_MICROCENTS"
+ACTION = {"kind": "llm.completion", "name": "gpt-4o"}
+
+
+def usd(n: int) -> dict[str, Any]:
+    return {"unit": USD, "amount": n}
+
+
+def reserve(ledger: Ledger, key: str, tenant: str = "acme", amount: int = 100) -> str:
+    body = {"idempotency_key": key, "subject": {"tenant": tenant}, "action": ACTION, "estimate": usd(amount)}
+    return ledger.reserve(body, tenant=tenant).reservation_id  # type: ignore[return-value]
+
+
+@pytest.fixture
+def ledgers(redis_url: str, clock: Any):
+    stores = [open_redis(redis_url), open_redis(redis_url)]
+    out = [Ledger(s, clock=clock) for s in stores]
+    for tenant in ("acme", "other"):
+        out[0].admin.create_budget({"scope": f"tenant:{tenant}", "unit": USD, "allocated": usd(1_000)})
+    yield out
+    for s in stores:
+        s.close()
+
+
+def reserved(ledger: Ledger, tenant: str = "acme") -> int:
+    return ledger.balances({"tenant": tenant}, tenant=tenant).balances[0].reserved.amount
+
+
+def test_a_batch_commits_together_and_later_transactions_see_earlier_writes(ledgers) -> None:
+    a, b = ledgers
+    reserve(a, "warm")  # a knows the budget now (its cache)
+    with a.store.batch() as batch:
+        for i in range(5):
+            batch.current = i
+            reserve(a, f"k{i}")
+        assert reserved(b) == 100, "nothing of a batch is seen by others before it ends"
+    assert batch.failed == set()
+    assert reserved(b) == 600
+
+
+def test_a_conflict_fails_its_transaction_and_those_that_read_its_writes_only(ledgers) -> None:
+    a, b = ledgers
+    reserve(a, "warm")
+    reserve(a, "warm-other", tenant="other")
+    with a.store.batch() as batch:
+        batch.current = "first"
+        reserve(a, "k1")
+        batch.current = "unrelated"
+        reserve(a, "k2", tenant="other")
+        reserve(b, "meanwhile", amount=50)  # another process changes acme's budget before the batch ends
+        batch.current = "second"
+        reserve(a, "k3")  # read the first one's writes
+    assert batch.failed == {"first", "second"}
+    assert reserved(b) == 150 and reserved(b, "other") == 200  # acme: warm + meanwhile; other: both
+    # run again by themselves, they settle exactly
+    reserve(a, "k1")
+    reserve(a, "k3")
+    assert reserved(b) == 350
