@@ -36,7 +36,7 @@ class Call:
     `headers.get`), the raw query string, the reservation id of the path ("" on paths without one), the body;
     `tenant` is set once a tenant key authenticated (for the X-Cycles-Tenant response header)."""
 
-    __slots__ = ("headers", "query_string", "reservation_id", "body", "tenant")
+    __slots__ = ("headers", "query_string", "reservation_id", "body", "tenant", "request_id", "trace_id", "client")
 
     def __init__(self, headers: dict[str, str], query_string: bytes, reservation_id: str) -> None:
         self.headers = headers
@@ -44,6 +44,8 @@ class Call:
         self.reservation_id = reservation_id
         self.body = b""
         self.tenant: str | None = None
+        self.request_id = self.trace_id = ""
+        self.client: str | None = None  # the peer's address, for the audit log
 
     def seen(self, principal: Principal) -> Principal:
         if principal.tenant is not None:
@@ -138,6 +140,9 @@ class RuntimeDispatcher:
         call = Call(headers, scope["query_string"], rid or "")
         request_id = new_request_id()
         trace_id = trace_id_from(headers.get("traceparent"), headers.get("x-cycles-trace-id"))
+        call.request_id, call.trace_id = request_id, trace_id
+        client = scope.get("client")
+        call.client = client[0] if client else None
         try:
             if rid is not None:
                 path_id(rid, "reservation_id")
