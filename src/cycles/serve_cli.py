@@ -100,6 +100,14 @@ def serve(
         os.environ["CYCLES_ADMIN_API_KEY"] = admin_api_key
     else:
         os.environ.pop("CYCLES_ADMIN_API_KEY", None)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics sums every worker's samples (server/metrics.py): a fresh directory they all write to
+        import atexit
+        import shutil
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory = tempfile.mkdtemp(prefix="cycles-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if workers == 1:
         from .server import app_from_env  # fail fast (bad store URL, missing extra) before binding the port

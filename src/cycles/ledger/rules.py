@@ -291,6 +291,7 @@ class Ledger:
         self.clock = clock
         self.default_tenant = default_tenant
         self.admin = Admin(self)
+        self.on_expired: Callable[[int], None] | None = None  # told how many each sweep expired (server metrics)
 
     # ------------------------------------------------------------------------------------------- transactions
     def _now(self, tx: Transaction) -> int:
@@ -323,6 +324,8 @@ class Ledger:
             total += len(due)
             if len(due) < SWEEP_BATCH:
                 break
+        if total and self.on_expired is not None:
+            self.on_expired(total)
         return total
 
     def _expire(self, tx: Transaction, r: ReservationRecord, now: int) -> None:

@@ -82,6 +82,10 @@ def create_app(
             return json_response({"status": "unavailable", "reason": type(exc).__name__}, 503)
         return json_response({"status": "ready"})
 
+    try:
+        from . import metrics
+    except ImportError:  # prometheus-client (the server extra) is missing: no /metrics
+        metrics = None  # type: ignore[assignment]
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -89,6 +93,8 @@ def create_app(
         Route("/v1/auth/introspect", admin.introspect, methods=["GET"]),
         *observe.routes(admin=auth.admin_enabled),
     ]
+    if metrics is not None:
+        routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
     if auth.admin_enabled:
         routes += admin.routes()
     else:
@@ -128,7 +134,14 @@ def create_app(
     app.state.webhooks = webhooks
     app.state.webhook_worker = worker
     app.state.admin_enabled = auth.admin_enabled
-    return RuntimeDispatcher(runtime.endpoints(), app, runtime.write_lock)  # hot runtime routes in front
+    if metrics is None:
+        return RuntimeDispatcher(runtime.endpoints(), app, runtime.write_lock)  # hot runtime routes in front
+    dispatcher = RuntimeDispatcher(runtime.endpoints(), metrics.TimedApp(app), runtime.write_lock)
+    dispatcher.state = app.state
+    dispatcher.observe = metrics.observe_call
+    runtime.write_lock.on_batch = metrics.BATCH.observe
+    ledger.on_expired = metrics.EXPIRATIONS.inc
+    return dispatcher
 
 
 def app_from_env() -> RuntimeDispatcher:

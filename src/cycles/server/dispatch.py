@@ -15,6 +15,7 @@ X-Cycles-Tenant once a tenant key authenticated, errors included), the protocol'
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,8 @@ class RuntimeDispatcher:
     def __init__(self, endpoints: list[Endpoint], fallback: ASGIApp, write_lock: WriteLock) -> None:
         self.fallback = fallback
         self.write_lock = write_lock
+        # told (method, route, seconds, response model or exception) of every runtime request: server metrics
+        self.observe: Callable[[str, str, float, object], None] | None = None
         self.state = getattr(fallback, "state", None)
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         for e in endpoints:
@@ -136,6 +139,7 @@ class RuntimeDispatcher:
         await self.fallback(scope, receive, send)
 
     async def serve(self, endpoint: Endpoint, rid: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         headers = read_headers(scope)
         call = Call(headers, scope["query_string"], rid or "")
         request_id = new_request_id()
@@ -152,11 +156,13 @@ class RuntimeDispatcher:
             model = await self.write_lock.run(endpoint.handler(call))
             # model_dump_json's bytes, without its wrapper's decode to str (and our encode back)
             body = model.__pydantic_serializer__.to_json(model, exclude_none=True)
+            outcome: object = model
         except ClientDisconnect:
             return  # nobody to answer
         except Exception as exc:
             error = protocol_error(exc, request_id, scope["method"], scope["path"])
             status, body = error_status(error), error_body(error, request_id, trace_id)
+            outcome = error
         response_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
@@ -167,3 +173,5 @@ class RuntimeDispatcher:
             response_headers.append((b"x-cycles-tenant", call.tenant.encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
+        if self.observe is not None:
+            self.observe(scope["method"], endpoint.path, time.perf_counter() - started, outcome)
