@@ -31,6 +31,7 @@ from ..ledger import Ledger, open_store
 from ..ledger.webhooks import Webhooks
 from .admin import AdminAPI
 from .auth import Authenticator
+from .dashboard import Dashboard
 from .dispatch import RuntimeDispatcher
 from .errors import CorrelationMiddleware, cycles_error_handler, http_error_handler
 from .observe import ObservabilityAPI
@@ -97,6 +98,7 @@ def create_app(
         routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
     if auth.admin_enabled:
         routes += admin.routes()
+        routes.append(Route("/dashboard", Dashboard(ledger, auth).page, methods=["GET"]))
     else:
         log.warning("no admin API key configured (CYCLES_ADMIN_API_KEY): the /v1/admin routes are not mounted")
 
