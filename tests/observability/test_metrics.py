@@ -55,6 +55,10 @@ def test_metrics_count_what_the_server_decided(served, admin, clock):
     assert delta("cycles_request_duration_seconds_count", method="GET", route="/v1/admin/budgets") == 0
     assert delta("cycles_batch_size_count") >= 8  # every runtime call ran in some batch
     assert value(after, "cycles_request_duration_seconds_count", method="POST", route="/v1/admin/budgets") >= 1
+    for i in range(3):  # unknown paths and methods do not make new series
+        admin.request("BREW" if i else "GET", f"/v1/nothing-{i}/here")
+    labels = {dict(k[1]).get("route") for k in scrape(admin) if k[0] == "cycles_request_duration_seconds_count"}
+    assert "unmatched" in labels and not any("nothing" in (x or "") for x in labels)
 
 
 @pytest.mark.slow
