@@ -97,6 +97,9 @@ def test_over_limit_is_entered_once(funded):
     entered = outbox(funded, event_type="budget.over_limit_entered")
     assert [e.scope for e in entered] == ["tenant:acme/agent:bot"]
     assert entered[0].data["is_over_limit"] is True
+    funded.admin.fund("tenant:acme/agent:bot", USD, {"operation": "CREDIT", "amount": usd(1_000)})
+    (exited,) = outbox(funded, event_type="budget.over_limit_exited")
+    assert exited.scope == "tenant:acme/agent:bot" and exited.data["is_over_limit"] is False
 
 
 def test_expiry_is_an_event_of_the_sweeper(funded, clock):

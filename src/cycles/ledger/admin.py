@@ -166,6 +166,16 @@ def _budget_state(b: BudgetRecord) -> dict[str, Any]:
             "reserved": b.reserved, "status": b.status}  # fmt: skip
 
 
+def _over_limit_changed(tx: Transaction, now: int, b: BudgetRecord, *, was: bool) -> None:
+    """budget.over_limit_entered / _exited when an admin change moved the ledger across its overdraft limit."""
+    if was == b.is_over_limit:
+        return
+    data = {"scope": b.scope, "unit": b.unit, "debt": b.debt, "overdraft_limit": b.overdraft_limit,
+            "is_over_limit": b.is_over_limit}  # fmt: skip
+    kind = "budget.over_limit_entered" if b.is_over_limit else "budget.over_limit_exited"
+    events.emit(tx, now, kind, b.tenant_id, data, scope=b.scope)
+
+
 _FUNDING_EVENTS = {
     "CREDIT": "budget.funded", "DEBIT": "budget.debited", "RESET": "budget.reset",
     "RESET_SPENT": "budget.reset_spent", "REPAY_DEBT": "budget.debt_repaid",
@@ -439,6 +449,7 @@ class Admin:
                     "previous_state": previous, "new_state": _budget_state(b)}  # fmt: skip
             self._record(tx, now, "updateBudget", ("budget", b.ledger_id), before, after, tenant=tenant,
                          event=("budget.updated", b.tenant_id, data), scope=b.scope)  # fmt: skip
+            _over_limit_changed(tx, now, b, was=before.is_over_limit)
             return after
 
     def freeze(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
@@ -538,6 +549,7 @@ class Admin:
             event = (_FUNDING_EVENTS[req.operation], b.tenant_id, data)
             self._record(tx, now, "fundBudget", ("budget", b.ledger_id), before_model, ledger_model(b),
                          tenant=tenant, event=event, scope=b.scope)  # fmt: skip
+            _over_limit_changed(tx, now, b, was=before_model.is_over_limit)
             return response
 
     # --------------------------------------------------------------------------------------------------- policies
