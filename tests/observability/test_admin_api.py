@@ -73,6 +73,20 @@ def test_events_filters_and_cursor_pages(served, admin, clock):
     assert admin.get("/v1/admin/events/evt_missing").status_code == 404
 
 
+def test_a_runtime_event_names_its_request_and_key(served, admin):
+    admin.post("/v1/admin/tenants", json={"tenant_id": "acme", "name": "Acme"}).raise_for_status()
+    key = admin.post("/v1/admin/api-keys", json={"tenant_id": "acme", "name": "k"}).json()
+    acme = served.client(**{"X-Cycles-API-Key": key["key_secret"]})
+    admin.post("/v1/admin/budgets", json={"scope": "tenant:acme", "unit": USD, "allocated": usd(5),
+                                          "tenant_id": "acme"}).raise_for_status()  # fmt: skip
+    denied = acme.post("/v1/reservations", json=reserve_body("d", 1_000))
+    assert denied.status_code == 409
+    (event,) = admin.get("/v1/admin/events", params={"event_type": "reservation.denied"}).json()["events"]
+    assert event["request_id"] == denied.headers["x-request-id"]
+    assert event["trace_id"] == denied.headers["x-cycles-trace-id"]
+    assert event["actor"] == {"type": "api_key", "key_id": key["key_id"], "source_ip": "127.0.0.1"}
+
+
 def test_a_tenant_lists_only_its_own_events(served, admin):
     acme = world(admin, served)
     mine = [e for p in pages(acme, "/v1/events", "events") for e in p]

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..ledger import events
-from ..ledger.webhooks import Webhooks, delivery_body
+from ..ledger.webhooks import Webhooks
 from .admin import AdminAPI
 from .auth import Principal
 from .webhooks import send
@@ -152,4 +152,4 @@ class ObservabilityAPI:
         return routes
 
 
-__all__ = ["ObservabilityAPI", "delivery_body"]
+__all__ = ["ObservabilityAPI"]

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from ..errors import InvalidRequest
 from ..ledger import Ledger
-from ..ledger.events import Actor
+from ..ledger.events import Actor, current_actor
 from ..models import (
     LEVELS,
     BudgetLedger,
@@ -62,7 +62,18 @@ class RuntimeAPI:
         call.seen(principal)
         request = parse(model, parse_json(headers, call.body))
         tenant = principal.tenant
-        return lambda: operation(request, tenant)
+        # events the operation writes (a denial, an exhausted budget) name the caller and this request
+        actor = Actor("admin" if tenant is None else "api_key", key_id=principal.key_id, source_ip=call.client,
+                      request_id=call.request_id, trace_id=call.trace_id)  # fmt: skip
+
+        def work() -> BaseModel:
+            token = current_actor.set(actor)
+            try:
+                return operation(request, tenant)
+            finally:
+                current_actor.reset(token)
+
+        return work
 
     # ---------------------------------------------------------------------------------------------- mutations
     def reserve(self, call: Call) -> LedgerWork:
