@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -128,3 +130,57 @@ def test_events_carry_the_actor_in_context(funded):
         events.current_actor.reset(token)
     (frozen,) = outbox(funded, event_type="budget.frozen")
     assert frozen.actor == {"type": "admin", "source_ip": "10.0.0.1"} and frozen.request_id == "req-1"
+
+
+class _WithoutOutbox:
+    """A transaction of a store written against the contract before the outbox (e.g. a store still catching up):
+    every method but the observability ones."""
+
+    HIDDEN = (
+        "add_event", "get_event", "list_events", "add_audit", "list_audit", "put_webhook", "get_webhook",
+        "delete_webhook", "list_webhooks", "webhooks_for", "put_delivery", "claim_deliveries", "list_deliveries",
+    )  # fmt: skip
+
+    def __init__(self, tx: Any) -> None:
+        self._tx = tx
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.HIDDEN:
+            raise AttributeError(name)
+        return getattr(self._tx, name)
+
+
+class _LegacyStore:
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.url = store.url
+
+    @contextmanager
+    def transaction(self, *, readonly: bool = False) -> Iterator[Any]:
+        with self._store.transaction(readonly=readonly) as tx:
+            yield _WithoutOutbox(tx)
+
+    def batch(self) -> Any:
+        return self._store.batch()
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def test_a_store_without_the_outbox_still_runs_every_operation(ledger, clock):
+    from cycles.errors import InternalError
+    from cycles.ledger.webhooks import Webhooks
+
+    legacy = Ledger(_LegacyStore(ledger.store), clock=clock)
+    legacy.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(100)})
+    with pytest.raises(BudgetExceeded):
+        reserve(legacy, "big", 1_000)
+    reserve(legacy, "r", 100, ttl_ms=1_000, grace_period_ms=0)
+    clock.advance(5_000)
+    assert legacy.sweep() == 1
+    with pytest.raises(InternalError, match="keeps no events"):
+        events.list_events(legacy, {})
+    with pytest.raises(InternalError, match="keeps no events"):
+        Webhooks(legacy, allow_private=True).create({"url": "http://127.0.0.1:9/", "event_types": ["budget.exhausted"]},
+                                                    tenant=None)  # fmt: skip
+    assert Webhooks(legacy).claim(1_000, 10) == []

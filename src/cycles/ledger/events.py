@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-from ..errors import Forbidden, InvalidRequest, NotFound
+from ..errors import Forbidden, InternalError, InvalidRequest, NotFound
 from . import rules  # a module reference: rules imports this module too
 from .store import AuditFilter, AuditRecord, DeliveryRecord, EventFilter, OutboxEvent, Transaction, WebhookRecord
 
@@ -49,6 +49,18 @@ SYSTEM = Actor("system")
 current_actor: ContextVar[Actor | None] = ContextVar("cycles_actor", default=None)
 
 
+def keeps_events(tx: Transaction) -> bool:
+    """Whether the store implements the outbox, audit and webhook methods of the contract (store.py). A store
+    that does not yet still runs every ledger operation; it just records no events."""
+    return hasattr(tx, "add_event")
+
+
+def require_events(tx: Transaction) -> None:
+    """For the reads and webhook operations, which cannot do without: a clear error instead of a crash."""
+    if not keeps_events(tx):
+        raise InternalError("this ledger store keeps no events, audit log or webhooks (see ledger/store.py)")
+
+
 def emit(
     tx: Transaction,
     now: int,
@@ -60,8 +72,10 @@ def emit(
     actor: Actor | None = None,
     source: str = "cycles-server",
     correlation_id: str | None = None,
-) -> OutboxEvent:
+) -> OutboxEvent | None:
     """Add an event to the outbox and queue one delivery per ACTIVE subscription that selects it."""
+    if not keeps_events(tx):
+        return None
     who = actor or current_actor.get()
     event = OutboxEvent(
         event_id=rules.new_id("evt_"),
@@ -137,8 +151,10 @@ def audit(
     status: int = 200,
     error_code: str | None = None,
     actor: Actor | None = None,
-) -> AuditRecord:
+) -> AuditRecord | None:
     """One audit log entry, in the transaction of the action it records (failed actions: in their own)."""
+    if not keeps_events(tx):
+        return None
     who = actor or current_actor.get()
     entry = AuditRecord(
         log_id=rules.new_id("log_"),
@@ -228,6 +244,7 @@ def list_events(ledger: Ledger, query: Mapping[str, str], *, tenant: str | None 
     after = tuple(rules.decode_cursor(cursor, query_hash)) if cursor else None
     column = _EVENT_SORTS[sort_by]
     with ledger.store.transaction(readonly=True) as tx:
+        require_events(tx)
         rows = tx.list_events(flt, column, descending, after, limit + 1)  # type: ignore[arg-type]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -241,6 +258,7 @@ def list_events(ledger: Ledger, query: Mapping[str, str], *, tenant: str | None 
 
 def get_event(ledger: Ledger, event_id: str, *, tenant: str | None = None) -> dict[str, Any]:
     with ledger.store.transaction(readonly=True) as tx:
+        require_events(tx)
         e = tx.get_event(event_id)
     if e is None or (tenant is not None and e.tenant_id != tenant):
         raise NotFound(f"event {event_id!r} not found", details={"event_id": event_id})
@@ -276,6 +294,7 @@ def list_audit_logs(ledger: Ledger, query: Mapping[str, str]) -> dict[str, Any]:
     cursor = query.get("cursor")
     after = tuple(rules.decode_cursor(cursor, query_hash)) if cursor else None
     with ledger.store.transaction(readonly=True) as tx:
+        require_events(tx)
         rows = tx.list_audit(flt, descending, after, limit + 1)  # type: ignore[arg-type]
     more = len(rows) > limit
     rows = rows[:limit]

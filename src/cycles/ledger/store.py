@@ -334,7 +334,10 @@ class Transaction(Protocol):
     # events
     def insert_event(self, event: EventRecord) -> None: ...
 
-    # the outbox: events of state transitions, added in the transaction of the change
+    # Observability (events.py, webhooks.py): the outbox of events, added in the transaction of the change; the
+    # audit log; webhook subscriptions and deliveries. A store may implement none of these yet (ledger/events.py
+    # `keeps_events`): every ledger operation still runs, it records no events, and the event, audit and webhook
+    # reads answer an error. Implement them all together: plain inserts, keyset pages, one claim with a lease.
     def add_event(self, event: OutboxEvent) -> None: ...
     def get_event(self, event_id: str) -> OutboxEvent | None: ...
     def list_events(

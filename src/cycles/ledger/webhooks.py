@@ -183,6 +183,7 @@ class Webhooks:
         check_target(req.url, allow_private=self.allow_private)
         secret = req.signing_secret or "whsec_" + secrets.token_urlsafe(32)
         with self.ledger.begin(sweep=False) as (tx, now):
+            events.require_events(tx)
             if owner != events.SYSTEM_TENANT and tenant is None and tx.get_tenant(owner) is None:
                 raise NotFound(f"tenant {owner!r} not found", details={"tenant_id": owner})
             w = WebhookRecord(
@@ -208,6 +209,7 @@ class Webhooks:
         return {"subscription": body, "signing_secret": secret}
 
     def _owned(self, tx: Transaction, subscription_id: str, tenant: str | None) -> WebhookRecord:
+        events.require_events(tx)
         w = tx.get_webhook(subscription_id)
         if w is None or (tenant is not None and w.tenant_id != tenant):
             raise NotFound(f"webhook subscription {subscription_id!r} not found",
@@ -231,6 +233,7 @@ class Webhooks:
         after = decode_cursor(query["cursor"], query_hash)[0] if query.get("cursor") else None
         found: list[WebhookRecord] = []
         with self.ledger.store.transaction(readonly=True) as tx:
+            events.require_events(tx)
             while len(found) <= limit:  # filtered after the read: subscriptions are few
                 rows = tx.list_webhooks(owner, after, 200)
                 found += [w for w in rows if (status is None or w.status == status)
@@ -343,6 +346,8 @@ class Webhooks:
     def claim(self, lease_ms: int, limit: int) -> list[tuple[DeliveryRecord, WebhookRecord | None, OutboxEvent | None]]:
         """Lease up to `limit` due deliveries, with their subscription and event (None when since deleted)."""
         with self.ledger.store.transaction() as tx:
+            if not events.keeps_events(tx):  # nothing was ever queued
+                return []
             now = self.ledger._now(tx)
             claimed = tx.claim_deliveries(now, lease_ms, limit)
             return [(d, tx.get_webhook(d.subscription_id), tx.get_event(d.event_id)) for d in claimed]

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, Response
 
 from ..amounts import format_amount
 from ..ledger import Ledger
-from ..ledger.events import event_body
+from ..ledger.events import event_body, keeps_events
 from ..ledger.store import BudgetRecord, EventFilter, OutboxEvent
 from .auth import Authenticator
 
@@ -63,7 +63,9 @@ class Dashboard:
     def _read(self) -> tuple[list[BudgetRecord], list[OutboxEvent], int]:
         with self.ledger.begin() as (tx, now):  # reads sweep first: no expired hold shows as reserved
             budgets = tx.list_budgets(limit=MAX_BUDGETS)
-            recent = tx.list_events(EventFilter(), "created_at_ms", True, None, RECENT_EVENTS)
+            recent = tx.list_events(EventFilter(), "created_at_ms", True, None, RECENT_EVENTS) if (
+                keeps_events(tx)
+            ) else []  # fmt: skip
         return list(budgets), recent, now
 
 
