@@ -79,7 +79,8 @@ def serve(
 
     Endpoints: POST and GET /v1/reservations, GET /v1/reservations/ID, POST /v1/reservations/ID/commit, release
     and extend, POST /v1/decide, GET /v1/balances, POST and GET /v1/events, /v1/webhooks; /v1/admin/tenants,
-    budgets, policies, api-keys, events, webhooks and audit/logs; GET /v1/auth/introspect; GET /healthz and /readyz.
+    budgets, policies, api-keys, events, webhooks and audit/logs; GET /v1/auth/introspect; GET /healthz and /readyz;
+    GET /metrics (Prometheus) and /dashboard (a read-only page; admin key).
     """
     import uvicorn
 
