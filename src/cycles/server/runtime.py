@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from ..errors import InvalidRequest
 from ..ledger import Ledger
+from ..ledger.events import Actor, current_actor
 from ..models import (
     LEVELS,
     BudgetLedger,
@@ -66,7 +67,18 @@ class RuntimeAPI:
         call.seen(principal)
         request = parse(model, parse_json(headers, call.body))
         tenant = principal.tenant
-        return lambda: operation(request, tenant)
+        # events the operation writes (a denial, an exhausted budget) name the caller and this request
+        actor = Actor("admin" if tenant is None else "api_key", key_id=principal.key_id, source_ip=call.client,
+                      request_id=call.request_id, trace_id=call.trace_id)  # fmt: skip
+
+        def work() -> BaseModel:
+            token = current_actor.set(actor)
+            try:
+                return operation(request, tenant)
+            finally:
+                current_actor.reset(token)
+
+        return work
 
     # ---------------------------------------------------------------------------------------------- mutations
     def reserve(self, call: Call) -> LedgerWork:
@@ -81,7 +93,15 @@ class RuntimeAPI:
 
     def release(self, call: Call) -> LedgerWork:
         ledger, rid = self.ledger, call.reservation_id
-        release = lambda r, t: ledger.release(rid, r, tenant=t)  # noqa: E731
+
+        def release(r: ReleaseRequest, tenant: str | None) -> BaseModel:
+            if tenant is not None:
+                return ledger.release(rid, r, tenant=tenant)
+            # the admin key releasing someone's hold: in the audit log, with who and from where
+            actor = Actor("admin", source_ip=call.client, user_agent=call.headers.get("user-agent"),
+                          request_id=call.request_id, trace_id=call.trace_id)  # fmt: skip
+            return ledger.release(rid, r, audited=actor)
+
         return self._post(call, "reservations:release", ReleaseRequest, release, admin=True)
 
     def extend(self, call: Call) -> LedgerWork:
