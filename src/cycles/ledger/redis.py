@@ -326,6 +326,7 @@ class RedisTransaction:
                     if taken and plan.writing and self._batch is None:
                         store.forget_pointers(self._pointers)
                         raise DuplicateKey(taken[0])
+        plan.contended = contended
         if failed:
             if plan.writing:
                 store.forget_pointers(self._pointers)
@@ -632,6 +633,7 @@ class _Plan:
     parts: dict[str, _Part]  # by slot
     primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
     writing: bool
+    contended: list[str] = dataclasses.field(default_factory=list)  # slots where its scripts met changes
 
 
 def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
@@ -708,6 +710,7 @@ class _Batch:
         self.plans: list[tuple[Any, _Plan]] = []
         self.current: Any = None
         self.failed: set[Any] = set()
+        self.contended: set[str] = set()  # slots where the failed ones met changes
 
     def add(self, plan: _Plan) -> None:
         self.plans.append((self.current, plan))
@@ -727,6 +730,12 @@ class _Batch:
                 plan.tx._settle(plan, results)
             except Conflict:
                 self.failed.add(work)
+                self.contended.update(plan.contended)
+
+    def retry(self) -> _BatchScope:
+        """A batch for running the failed ones again, together, with this store holding the turn of the slots
+        where they met changes: other stores' commits there wait meanwhile (see RedisStore.take_turn)."""
+        return _BatchScope(self.store, turn=sorted(self.contended))
 
 
 def _matches(r: ReservationRecord, flt: ReservationFilter) -> bool:
@@ -856,21 +865,27 @@ class RedisStore:
         """Hold the turn of these slots: while it is held, other stores' commits there fail at once (and wait for
         their turn in their own retries). `retrying` takes it after a second conflict in a row, so that a process
         whose records keep being changed by others gets through; returns the function that gives it back."""
-        keys = [slot + ":turn" for slot in slots]
-        taken: list[str] = []
+        keys = sorted(slot + ":turn" for slot in slots)
         deadline = time.monotonic() + timeout
+        waiting = list(keys)
         with self.errors():
-            for key in keys:
-                while not self.redis.set(key, self.owner, nx=True, px=TURN_MS):
-                    if self.redis.get(key) == self.owner or time.monotonic() > deadline:
-                        break
-                    time.sleep(random.uniform(0.0005, 0.002))
-                taken.append(key)
+            while waiting:  # every slot asked at once, in one round trip; then again for those still held
+                pipe = self.redis.pipeline(transaction=False)
+                for key in waiting:
+                    pipe.set(key, self.owner, nx=True, px=TURN_MS, get=True)  # the holder, or None: now ours
+                holders = pipe.execute()
+                waiting = [k for k, holder in zip(waiting, holders, strict=True) if holder not in (None, self.owner)]
+                if not waiting or time.monotonic() > deadline:
+                    break  # past the deadline, go on without it: the commit's own check still holds
+                time.sleep(random.uniform(0.0005, 0.002))
+        taken = [k for k in keys if k not in waiting]
 
         def give_back() -> None:
             try:
+                pipe = self.redis.pipeline(transaction=False)
                 for key in taken:
-                    self.redis.eval(UNLEASE, 1, key, self.owner)
+                    pipe.execute_command("EVAL", UNLEASE, 1, key, self.owner)
+                pipe.execute()
             except redis.exceptions.RedisError:
                 pass  # it lapses by itself
 
@@ -897,7 +912,7 @@ class _Unavailable:
             self._store.cache.clear()
             self._store._indexed.clear()
             raise StoreUnavailable(f"the Redis store is unavailable: {type(exc).__name__}: {exc}") from exc
-        if exc is not None and isinstance(exc, redis.exceptions.BusyLoadingError | redis.exceptions.TryAgainError):
+        if exc is not None and isinstance(exc, redis.exceptions.TryAgainError | redis.exceptions.ClusterDownError):
             raise StoreUnavailable(f"the Redis store is not ready: {exc}") from exc
 
 
@@ -921,21 +936,29 @@ class _Atomic:
 
 
 class _BatchScope:
-    __slots__ = ("_store", "_batch")
+    __slots__ = ("_store", "_batch", "_turn", "_give_back")
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: RedisStore, turn: list[str] | None = None) -> None:
         self._store = store
+        self._turn = turn
+        self._give_back: Callable[[], None] | None = None
 
     def __enter__(self) -> _Batch:
         if self._store.open_batch is not None:
             raise RuntimeError("batches do not nest")
+        if self._turn:
+            self._give_back = self._store.take_turn(self._turn)
         self._batch = self._store.open_batch = _Batch(self._store)
         return self._batch
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._store.open_batch = None
-        if exc_type is None:
-            self._batch.flush()
+        try:
+            if exc_type is None:
+                self._batch.flush()
+        finally:
+            if self._give_back is not None:
+                self._give_back()
 
 
 def open_redis(url: str) -> RedisStore:
