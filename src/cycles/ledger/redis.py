@@ -28,20 +28,23 @@ bounded, with jitter). A transaction that only read one record straight from Red
 CyclesError) is checked too before it is believed, since it may rest on a stale record. In the steady state an
 operation is one round trip.
 
-The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, their
-scripts in one pipeline, so a round trip is shared by every call of the batch; a call whose records another process
-changed fails alone and runs again by itself.
+The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, one
+script per slot running each call's part in order, all in one pipeline, so a round trip is shared by the whole
+batch; a call whose records another process changed fails alone (with the later calls that read its writes) and
+runs again. Under contention a store takes the slot's *turn* (`take_turn`: a short-lived key every commit script of
+that slot checks), so that two busy processes take turns instead of failing each other forever.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
-first): each tenant's writes then commit in their own script, the operation's own tenant (the last one written)
-last, and only its outcome decides; expiring a hold twice is impossible and expiring it later harmless.
+first): each tenant's writes then commit in their own slot's script, and only the outcome of the operation's own
+tenant (the last one written) decides; expiring a hold twice is impossible and expiring it later harmless.
 
 Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it only compares
 versions and stores text. Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
 monotonic clock), so every server decides expiry on one clock; an injected `clock=` still wins (the rules).
 
-Durability is Redis's: with `appendonly yes` and `appendfsync everysec` a Redis crash loses at most about a second
-of acknowledged operations; a server process crash loses nothing acknowledged (every answer follows its commit).
+Durability is Redis's: with `appendonly yes` and `appendfsync always` a Redis crash loses nothing acknowledged, with
+`everysec` at most about a second; a server process crash loses nothing acknowledged (every answer follows its
+commit).
 
 Limits: a reservation listing reads all of the tenant's reservations and filters them here, and a read sweeps by
 walking every tenant's TTL index; both fit thousands of records per tenant, not millions.
