@@ -140,6 +140,7 @@ UNLEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL'
 TENANTS = "cycles:tenants"
 TURN = ["turn"]  # an answer: another store holds the slot's turn
 TURN_MS = 250  # a turn lapses by itself this long after its holder took it (should the holder die)
+HOT_S = 0.2  # after a conflict in a slot, a store's batches take its turn up front for this long
 CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every record used is checked at commit)
 CLOCK_RESAMPLE_S = 5.0
 
@@ -734,6 +735,9 @@ class _Batch:
             except Conflict:
                 self.failed.add(work)
                 self.contended.update(plan.contended)
+        if self.contended:  # contended here: for a moment, take these slots' turn before each batch
+            until = time.monotonic() + HOT_S
+            self.store.hot.update(dict.fromkeys(self.contended, until))
 
     def retry(self) -> _BatchScope:
         """A batch for running the failed ones again, together, with this store holding the turn of the slots
@@ -779,6 +783,7 @@ class RedisStore:
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
         self.open_batch: _Batch | None = None
         self.owner = os.urandom(8).hex()  # this store's token in the slots' turns
+        self.hot: dict[str, float] = {}  # slot -> until when this store batches there with the turn held
         self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
@@ -813,7 +818,7 @@ class RedisStore:
         """`with store.batch() as batch:` the transactions this thread runs inside commit together at the end, in
         one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
         the batch may fail at the end on its own (`batch.failed`), and is then run again by itself."""
-        return _BatchScope(self)
+        return _BatchScope(self, turn=self.hot_slots())
 
     def close(self) -> None:
         self.redis.close()
@@ -866,33 +871,42 @@ class RedisStore:
 
     def take_turn(self, slots: list[str], timeout: float = 2.0) -> Callable[[], None]:
         """Hold the turn of these slots: while it is held, other stores' commits there fail at once (and wait for
-        their turn in their own retries). `retrying` takes it after a second conflict in a row, so that a process
-        whose records keep being changed by others gets through; returns the function that gives it back."""
+        their turn in their own retries). `retrying` takes it after a second conflict in a row, and a batch takes
+        it up front in slots contended lately (`hot_slots`), so that processes busy on the same records take turns
+        instead of failing each other; returns the function that gives it back."""
         keys = sorted(slot + ":turn" for slot in slots)
         deadline = time.monotonic() + timeout
-        waiting = list(keys)
+        taken: list[str] = []
         with self.errors():
-            while waiting:  # every slot asked at once, in one round trip; then again for those still held
+            while True:  # all of them at once, in one round trip, or none (no holding one while waiting for another)
                 pipe = self.redis.pipeline(transaction=False)
-                for key in waiting:
+                for key in keys:
                     pipe.set(key, self.owner, nx=True, px=TURN_MS, get=True)  # the holder, or None: now ours
                 holders = pipe.execute()
-                waiting = [k for k, holder in zip(waiting, holders, strict=True) if holder not in (None, self.owner)]
-                if not waiting or time.monotonic() > deadline:
+                taken = [k for k, holder in zip(keys, holders, strict=True) if holder is None]  # (ours already: kept)
+                if all(holder in (None, self.owner) for holder in holders) or time.monotonic() > deadline:
                     break  # past the deadline, go on without it: the commit's own check still holds
+                self._give_back(taken)
                 time.sleep(random.uniform(0.0005, 0.002))
-        taken = [k for k in keys if k not in waiting]
 
         def give_back() -> None:
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                for key in taken:
-                    pipe.execute_command("EVAL", UNLEASE, 1, key, self.owner)
-                pipe.execute()
-            except redis.exceptions.RedisError:
-                pass  # it lapses by itself
+            self._give_back(taken)
 
         return give_back
+
+    def _give_back(self, keys: list[str]) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("EVAL", UNLEASE, 1, key, self.owner)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            pass  # it lapses by itself
+
+    def hot_slots(self) -> list[str]:
+        """Slots where this store met another's changes lately: its next batches take their turn up front."""
+        now = time.monotonic()
+        return [slot for slot, until in self.hot.items() if until > now]
 
     def drop_lease(self, name: str, owner: str) -> None:
         with self.errors():
