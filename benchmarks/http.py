@@ -491,6 +491,21 @@ def redis_pids() -> list[int]:
     return out
 
 
+SATURATION = (
+    "Where the Redis store saturates, and why. One process: the ledger work runs on the server's event loop, and a "
+    "batch of calls waits for its one Redis round trip (a pipeline of one script per slot) with the loop blocked; "
+    "on top of that the store's own CPU per operation (records as JSON, redis-py's command packing and parsing, "
+    "the script's cjson decode in redis-server) is about twice SQLite's remembered-records path, and redis-server "
+    "competes for the same 2 cores. Several processes: every reserve and every commit of this load writes the same "
+    "three ledger records, so the processes' optimistic transactions invalidate each other: a batch whose records "
+    "another process changed fails and runs again, with the slot's turn after a second conflict (two more round "
+    "trips, the event loop waiting meanwhile). On one hot budget, more processes mostly add contention; spreading "
+    "the load over tenants (the 8-tenant column) cuts the conflicts per record but each process still writes every "
+    "tenant. What scales with processes is work on disjoint records: tenants and budgets that different servers "
+    "(or a tenant-aware load balancer) serve."
+)
+
+
 def compare_stores(args: argparse.Namespace) -> None:
     processes = [int(n) for n in args.processes.split(",")]
     load_start = os.getloadavg()[0]
@@ -529,6 +544,8 @@ def compare_stores(args: argparse.Namespace) -> None:
         f"cell (slowest–fastest in brackets), each cell on a fresh server and fresh data. {redis_info(args.store)}, "
         f"on the same 2 cores as the servers and the generator; SQLite in WAL mode, synchronous=NORMAL. Load "
         f"average (1 min): {load}.",
+        "",
+        SATURATION,
     ]
     text = "\n".join(lines)
     print(text)

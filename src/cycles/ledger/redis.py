@@ -28,20 +28,23 @@ bounded, with jitter). A transaction that only read one record straight from Red
 CyclesError) is checked too before it is believed, since it may rest on a stale record. In the steady state an
 operation is one round trip.
 
-The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, their
-scripts in one pipeline, so a round trip is shared by every call of the batch; a call whose records another process
-changed fails alone and runs again by itself.
+The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, one
+script per slot running each call's part in order, all in one pipeline, so a round trip is shared by the whole
+batch; a call whose records another process changed fails alone (with the later calls that read its writes) and
+runs again. Under contention a store takes the slot's *turn* (`take_turn`: a short-lived key every commit script of
+that slot checks), so that two busy processes take turns instead of failing each other forever.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
-first): each tenant's writes then commit in their own script, the operation's own tenant (the last one written)
-last, and only its outcome decides; expiring a hold twice is impossible and expiring it later harmless.
+first): each tenant's writes then commit in their own slot's script, and only the outcome of the operation's own
+tenant (the last one written) decides; expiring a hold twice is impossible and expiring it later harmless.
 
 Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it only compares
 versions and stores text. Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
 monotonic clock), so every server decides expiry on one clock; an injected `clock=` still wins (the rules).
 
-Durability is Redis's: with `appendonly yes` and `appendfsync everysec` a Redis crash loses at most about a second
-of acknowledged operations; a server process crash loses nothing acknowledged (every answer follows its commit).
+Durability is Redis's: with `appendonly yes` and `appendfsync always` a Redis crash loses nothing acknowledged, with
+`everysec` at most about a second; a server process crash loses nothing acknowledged (every answer follows its
+commit).
 
 Limits: a reservation listing reads all of the tenant's reservations and filters them here, and a read sweeps by
 walking every tenant's TTL index; both fit thousands of records per tenant, not millions.
@@ -137,6 +140,7 @@ UNLEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL'
 TENANTS = "cycles:tenants"
 TURN = ["turn"]  # an answer: another store holds the slot's turn
 TURN_MS = 250  # a turn lapses by itself this long after its holder took it (should the holder die)
+HOT_S = 0.2  # after a conflict in a slot, a store's batches take its turn up front for this long
 CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every record used is checked at commit)
 CLOCK_RESAMPLE_S = 5.0
 
@@ -326,6 +330,7 @@ class RedisTransaction:
                     if taken and plan.writing and self._batch is None:
                         store.forget_pointers(self._pointers)
                         raise DuplicateKey(taken[0])
+        plan.contended = contended
         if failed:
             if plan.writing:
                 store.forget_pointers(self._pointers)
@@ -632,6 +637,7 @@ class _Plan:
     parts: dict[str, _Part]  # by slot
     primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
     writing: bool
+    contended: list[str] = dataclasses.field(default_factory=list)  # slots where its scripts met changes
 
 
 def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
@@ -708,6 +714,7 @@ class _Batch:
         self.plans: list[tuple[Any, _Plan]] = []
         self.current: Any = None
         self.failed: set[Any] = set()
+        self.contended: set[str] = set()  # slots where the failed ones met changes
 
     def add(self, plan: _Plan) -> None:
         self.plans.append((self.current, plan))
@@ -727,6 +734,15 @@ class _Batch:
                 plan.tx._settle(plan, results)
             except Conflict:
                 self.failed.add(work)
+                self.contended.update(plan.contended)
+        if self.contended:  # contended here: for a moment, take these slots' turn before each batch
+            until = time.monotonic() + HOT_S
+            self.store.hot.update(dict.fromkeys(self.contended, until))
+
+    def retry(self) -> _BatchScope:
+        """A batch for running the failed ones again, together, with this store holding the turn of the slots
+        where they met changes: other stores' commits there wait meanwhile (see RedisStore.take_turn)."""
+        return _BatchScope(self.store, turn=sorted(self.contended))
 
 
 def _matches(r: ReservationRecord, flt: ReservationFilter) -> bool:
@@ -767,6 +783,7 @@ class RedisStore:
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
         self.open_batch: _Batch | None = None
         self.owner = os.urandom(8).hex()  # this store's token in the slots' turns
+        self.hot: dict[str, float] = {}  # slot -> until when this store batches there with the turn held
         self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
@@ -801,7 +818,7 @@ class RedisStore:
         """`with store.batch() as batch:` the transactions this thread runs inside commit together at the end, in
         one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
         the batch may fail at the end on its own (`batch.failed`), and is then run again by itself."""
-        return _BatchScope(self)
+        return _BatchScope(self, turn=self.hot_slots())
 
     def close(self) -> None:
         self.redis.close()
@@ -854,27 +871,42 @@ class RedisStore:
 
     def take_turn(self, slots: list[str], timeout: float = 2.0) -> Callable[[], None]:
         """Hold the turn of these slots: while it is held, other stores' commits there fail at once (and wait for
-        their turn in their own retries). `retrying` takes it after a second conflict in a row, so that a process
-        whose records keep being changed by others gets through; returns the function that gives it back."""
-        keys = [slot + ":turn" for slot in slots]
-        taken: list[str] = []
+        their turn in their own retries). `retrying` takes it after a second conflict in a row, and a batch takes
+        it up front in slots contended lately (`hot_slots`), so that processes busy on the same records take turns
+        instead of failing each other; returns the function that gives it back."""
+        keys = sorted(slot + ":turn" for slot in slots)
         deadline = time.monotonic() + timeout
+        taken: list[str] = []
         with self.errors():
-            for key in keys:
-                while not self.redis.set(key, self.owner, nx=True, px=TURN_MS):
-                    if self.redis.get(key) == self.owner or time.monotonic() > deadline:
-                        break
-                    time.sleep(random.uniform(0.0005, 0.002))
-                taken.append(key)
+            while True:  # all of them at once, in one round trip, or none (no holding one while waiting for another)
+                pipe = self.redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.set(key, self.owner, nx=True, px=TURN_MS, get=True)  # the holder, or None: now ours
+                holders = pipe.execute()
+                taken = [k for k, holder in zip(keys, holders, strict=True) if holder is None]  # (ours already: kept)
+                if all(holder in (None, self.owner) for holder in holders) or time.monotonic() > deadline:
+                    break  # past the deadline, go on without it: the commit's own check still holds
+                self._give_back(taken)
+                time.sleep(random.uniform(0.0005, 0.002))
 
         def give_back() -> None:
-            try:
-                for key in taken:
-                    self.redis.eval(UNLEASE, 1, key, self.owner)
-            except redis.exceptions.RedisError:
-                pass  # it lapses by itself
+            self._give_back(taken)
 
         return give_back
+
+    def _give_back(self, keys: list[str]) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("EVAL", UNLEASE, 1, key, self.owner)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            pass  # it lapses by itself
+
+    def hot_slots(self) -> list[str]:
+        """Slots where this store met another's changes lately: its next batches take their turn up front."""
+        now = time.monotonic()
+        return [slot for slot, until in self.hot.items() if until > now]
 
     def drop_lease(self, name: str, owner: str) -> None:
         with self.errors():
@@ -897,7 +929,7 @@ class _Unavailable:
             self._store.cache.clear()
             self._store._indexed.clear()
             raise StoreUnavailable(f"the Redis store is unavailable: {type(exc).__name__}: {exc}") from exc
-        if exc is not None and isinstance(exc, redis.exceptions.BusyLoadingError | redis.exceptions.TryAgainError):
+        if exc is not None and isinstance(exc, redis.exceptions.TryAgainError | redis.exceptions.ClusterDownError):
             raise StoreUnavailable(f"the Redis store is not ready: {exc}") from exc
 
 
@@ -921,21 +953,29 @@ class _Atomic:
 
 
 class _BatchScope:
-    __slots__ = ("_store", "_batch")
+    __slots__ = ("_store", "_batch", "_turn", "_give_back")
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: RedisStore, turn: list[str] | None = None) -> None:
         self._store = store
+        self._turn = turn
+        self._give_back: Callable[[], None] | None = None
 
     def __enter__(self) -> _Batch:
         if self._store.open_batch is not None:
             raise RuntimeError("batches do not nest")
+        if self._turn:
+            self._give_back = self._store.take_turn(self._turn)
         self._batch = self._store.open_batch = _Batch(self._store)
         return self._batch
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._store.open_batch = None
-        if exc_type is None:
-            self._batch.flush()
+        try:
+            if exc_type is None:
+                self._batch.flush()
+        finally:
+            if self._give_back is not None:
+                self._give_back()
 
 
 def open_redis(url: str) -> RedisStore:

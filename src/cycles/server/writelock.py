@@ -24,8 +24,8 @@ In-memory stores and platforms without fcntl need no lock: `run` then does the w
 
 A store whose transactions are optimistic and remote (Redis) needs no lock either, but gains from the batches: the
 calls handed over in one event loop iteration are committed together, in one round trip (`batch_only`). There a
-call of the batch may fail alone (`batch.failed`: what it read was changed by another process): it runs again by
-itself, outside the batch, before anyone is answered.
+call of the batch may fail alone (`batch.failed`: what it read was changed by another process): the failed ones run
+again together (`batch.retry()`), then each by itself, before anyone is answered.
 """
 
 from __future__ import annotations
@@ -134,7 +134,17 @@ class WriteLock:
                         if together is not None:
                             together.current = done  # tags the work's transactions (an optimistic store's batch)
                         outcomes[done] = _attempt(work)
-                for work, done in batch:  # failed alone at the batch's end: again, by itself
+                # an optimistic store's calls that failed alone at the batch's end (others changed what they read):
+                # again, together (with the store's turn on what they contended for), then each by itself
+                for _round in range(3):
+                    failed = [(w, d) for w, d in batch if together is not None and d in together.failed]
+                    if not failed:
+                        break
+                    with together.retry() as together:
+                        for work, done in failed:
+                            together.current = done
+                            outcomes[done] = _attempt(work)
+                for work, done in batch:
                     if together is not None and done in together.failed:
                         outcomes[done] = _attempt(work)
             except Exception as exc:  # the batch did not begin, or did not commit: none of it happened
