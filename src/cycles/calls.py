@@ -123,6 +123,8 @@ def action(kind: str, name: str) -> Action:
 
 # ----------------------------------------------------------------------------------------------- estimates
 
+_NO_USAGE = TokenUsage()  # immutable: every call starts from this one instead of building its own
+
 
 def max_tokens_from(source: Mapping[str, Any] | None, keys: Iterable[str] = MAX_TOKENS_KEYS) -> int | None:
     """A request's output limit: the first positive integer among `keys` in `source`."""
@@ -253,7 +255,7 @@ class ModelCall:
             ttl_ms=ttl_ms,
         )
         self.reservation.model_call = self  # for telemetry: spans name the model and its usage
-        self.usage = TokenUsage()
+        self.usage = _NO_USAGE
         self.model_version: str | None = None
         self.produced = False
         self._text: list[str] = []

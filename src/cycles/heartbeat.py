@@ -3,7 +3,10 @@
 One daemon thread per client holds a heap of due times, so watching a reservation costs a heap push, not a thread.
 Most calls end long before their first extension is due (49 s into a default 60 s hold), so a watch whose first beat
 is at least LAZY_MS away is only queued, without taking the lock; the thread, which looks at the queue at least every
-TICK_S while calls come in, moves the reservations still running onto its heap. Forgetting one drops it from a dict.
+TICK_S while calls come in, moves the reservations still running onto its heap. Forgetting one drops it from a dict
+and lets go of the reservation at once: a queued watch holding it until the next tick would keep every settled call's
+objects alive for a second, through the garbage collector's older generations (measured: a tenth of a guarded call's
+CPU time went to collections).
 
 From each successful reserve or extend: lead_floor = max(0, remaining_ttl - rtt); attempt_budget = max(timeout,
 1000, 2 max_rtt); safety = max(1000, 2 max_rtt); the next extend is due after max(0, lead_floor - (2 attempt_budget
@@ -46,7 +49,7 @@ class _Watch:
     __slots__ = ("reservation", "extend_by_ms", "key", "max_rtt_ms", "zero_delays", "deadline", "lead_floor_ms")
 
     def __init__(self, reservation: Reservation, extend_by_ms: int) -> None:
-        self.reservation = reservation
+        self.reservation: Reservation | None = reservation  # None once forgotten
         self.extend_by_ms = extend_by_ms
         self.key = ""
         self.max_rtt_ms = 0.0
@@ -78,8 +81,10 @@ class Heartbeat:
         self._watches[id(reservation)] = w
         self._schedule(w, remaining_ttl_ms, rtt_s * 1000)
 
-    def forget(self, reservation: Reservation) -> None:
-        self._watches.pop(id(reservation), None)  # its queue or heap entry is dropped when the thread meets it
+    def forget(self, reservation: Reservation | None) -> None:
+        w = self._watches.pop(id(reservation), None)  # its queue or heap entry is dropped when the thread meets it
+        if w is not None:
+            w.reservation = None  # no longer reachable from that entry (see the module docstring)
 
     def _schedule(self, w: _Watch, remaining_ttl_ms: int, rtt_ms: float) -> None:
         w.max_rtt_ms = max(w.max_rtt_ms, rtt_ms)
@@ -167,11 +172,14 @@ class Heartbeat:
             try:
                 self._beat(w)
             except Exception:  # never let one reservation stop the keep-alive of all the others
-                log.exception("cycles heartbeat: unexpected failure for reservation %s", w.reservation.id)
-                self.forget(w.reservation)
+                r = w.reservation
+                log.exception("cycles heartbeat: unexpected failure for reservation %s", getattr(r, "id", None))
+                self.forget(r)
 
     def _beat(self, w: _Watch) -> None:
         r = w.reservation
+        if r is None:  # forgotten meanwhile
+            return
         if r.status != "ACTIVE" or r.id is None:
             self.forget(r)
             return
@@ -183,7 +191,7 @@ class Heartbeat:
                 r.id, ReservationExtendRequest(idempotency_key=w.key, extend_by_ms=w.extend_by_ms)
             )
         except CyclesError as exc:
-            self._failed(w, exc, began)
+            self._failed(w, r, exc, began)
             return
         r.expires_at_ms = response.expires_at_ms
         self.client.stats.heartbeats += 1
@@ -192,8 +200,7 @@ class Heartbeat:
             remaining = 0
         self._schedule(w, remaining, (time.monotonic() - began) * 1000)
 
-    def _failed(self, w: _Watch, exc: CyclesError, began: float) -> None:
-        r = w.reservation
+    def _failed(self, w: _Watch, r: Reservation, exc: CyclesError, began: float) -> None:
         self.client.stats.heartbeat_failures += 1
         transient = exc.status == 0 or exc.status == 429 or exc.status >= 500
         log.warning("cycles heartbeat: extending reservation %s failed (%s: %s)", r.id, exc.code, exc.message)

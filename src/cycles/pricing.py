@@ -228,7 +228,14 @@ class Pricing:
         if prompt_tokens is None:
             prompt_tokens = self.count_tokens(prompt_text(prompt), model)
         output = max_output_tokens if max_output_tokens is not None else self.default_max_output_tokens
-        return Amount(unit=unit, amount=self._amount(model, unit, prompt_tokens, output))
+        return _estimate_amount(unit, self._amount(model, unit, prompt_tokens, output))
+
+
+@functools.lru_cache(maxsize=4096)
+def _estimate_amount(unit: str, amount: int) -> Amount:
+    # Every call of one request shape has the same estimate: validate its Amount once, not per call (Amounts are
+    # never mutated, so calls can share one). An invalid one raises and is not cached.
+    return Amount(unit=unit, amount=amount)
 
 
 def prompt_text(prompt: Any) -> str:

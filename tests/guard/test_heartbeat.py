@@ -137,3 +137,27 @@ def test_a_queued_watch_is_kept_alive_too(store_url, monkeypatch):
         assert_settled(c, 6 * CENT)
     finally:
         c.close()
+
+
+def test_a_settled_call_is_not_kept_alive_by_its_queued_watch(store_url, monkeypatch):
+    """Settling forgets the watch and lets go of the reservation at once: its entry, queued or on the heap, is dropped
+    only when the thread next meets it, and must not keep the call's objects alive until then."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(heartbeat, "TICK_S", 60.0)  # the thread does not look at the queue again during the test
+    c = cycles.Client(store=store_url, tenant="acme")
+    try:
+        c.budgets.set("tenant:acme", cycles.usd(1))
+        running = c.reserve(cycles.usd(0.02)).begin()  # still watched: the thread keeps its heap (and queue) as is
+        assert _wait_for(lambda: c.heartbeat._thread is not None and not c.heartbeat._queued)  # taken in, idle
+        r = c.reserve(cycles.usd(0.01)).begin()  # begin, not start: no current-reservation context holds it
+        r.commit(cycles.usd(0.004))
+        gone = weakref.ref(r)
+        del r
+        gc.collect()  # nothing cyclic holds it either
+        assert gone() is None
+        running.commit(cycles.usd(0.001))
+        assert_settled(c, cycles.usd(0.005).amount)
+    finally:
+        c.close()
