@@ -252,6 +252,7 @@ class ModelCall:
             idempotency_key=idempotency_key,
             ttl_ms=ttl_ms,
         )
+        self.reservation.model_call = self  # for telemetry: spans name the model and its usage
         self.usage = TokenUsage()
         self.model_version: str | None = None
         self.produced = False

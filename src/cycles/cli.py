@@ -28,6 +28,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import cycles
+from cycles.errors import error_for_code
 from cycles.models import PERMISSIONS, Amount, Unit
 from cycles.serve_cli import serve
 
@@ -320,6 +321,10 @@ key_app = typer.Typer(help="Create, revoke and list tenant API keys.", no_args_i
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(budget_app, name="budget")
 app.add_typer(key_app, name="key")
+webhook_app = typer.Typer(
+    help="Webhook subscriptions: create, list, delete, and their deliveries.", no_args_is_help=True
+)
+app.add_typer(webhook_app, name="webhook")
 
 JsonFlag = typer.Option(False, "--json", help="Print machine JSON to stdout instead of a table.")
 
@@ -695,6 +700,146 @@ def key_list(
     if _want_json(ctx, json_out):
         return emit_json({"keys": keys})
     _console().print(_key_table(keys) if keys else "no keys")
+
+
+# ----------------------------------------------------------------------------------------- webhooks and events
+
+
+def _observe(ctx: typer.Context, method: str, path: str, local: Any, **request: Any) -> Any:
+    """An observability call: over HTTP with the admin key on --url, else `local(ledger)` on the embedded store."""
+    transport = _globals(ctx).client().transport
+    ledger = getattr(transport, "ledger", None)
+    if ledger is not None:
+        return local(ledger)
+    import httpx
+
+    headers = {"X-Admin-API-Key": transport.admin_api_key or ""}
+    try:
+        response = httpx.request(method, transport.url + path, headers=headers, timeout=30, **request)
+    except httpx.HTTPError as exc:
+        raise cycles.TransportError(f"cannot reach {transport.url}: {exc}") from None
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        raise error_for_code(
+            body.get("error", "INTERNAL_ERROR"), body.get("message", response.text[:200]),
+            status=response.status_code, details=body.get("details"),
+        )  # fmt: skip
+    return response.json() if response.content else None
+
+
+def _local_webhooks(ledger: Any) -> Any:
+    from cycles.ledger.webhooks import Webhooks
+
+    allow = os.environ.get("CYCLES_WEBHOOK_ALLOW_PRIVATE", "") in ("1", "true", "yes")
+    return Webhooks(ledger, allow_private=allow)
+
+
+def _webhook_table(subs: Sequence[dict[str, Any]]) -> Table:
+    table = Table("subscription", "tenant", "status", "url", "events", "failures")
+    for w in subs:
+        selectors = ", ".join([*w["event_types"], *(c + ".*" for c in w.get("event_categories", []))])
+        table.add_row(w["subscription_id"], w["tenant_id"], w["status"], escape(w["url"]), selectors,
+                      str(w["consecutive_failures"]))  # fmt: skip
+    return table
+
+
+@webhook_app.command("create")
+def webhook_create(
+    ctx: typer.Context,
+    url: str = typer.Argument(..., metavar="URL", help="The endpoint events are POSTed to."),
+    event: list[str] = typer.Option([], "--event", "-e", help="An event type to send, e.g. budget.exhausted (repeat)."),
+    category: list[str] = typer.Option([], "--category", "-c", help="Every event of a category (repeat)."),
+    tenant_id: str | None = typer.Option(None, "--tenant-id", help="The owner; omitted: __system__ (all tenants)."),
+    scope_filter: str | None = typer.Option(None, "--scope-filter", help="Only events at or below this scope."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """Subscribe URL to events. The signing secret is printed once: store it now."""
+    if not event:
+        raise BadInput("give at least one --event (e.g. --event reservation.denied --event budget.exhausted)")
+    body: dict[str, Any] = {"url": url, "event_types": list(dict.fromkeys(event))}
+    if category:
+        body["event_categories"] = list(dict.fromkeys(category))
+    if scope_filter:
+        body["scope_filter"] = scope_filter
+    owner = tenant_id or _globals(ctx).tenant
+    created = _observe(
+        ctx, "POST", "/v1/admin/webhooks", lambda ledger: _local_webhooks(ledger).create(body, tenant=None,
+                                                                                      tenant_id=owner),
+        params={"tenant_id": owner} if owner else None, json=body,
+    )  # fmt: skip
+    if _want_json(ctx, json_out):
+        return emit_json(created)
+    _console().print(_webhook_table([created["subscription"]]))
+    sys.stdout.write(f"signing secret: {created['signing_secret']}\n")
+    sys.stdout.flush()
+    sys.stderr.write("warning: the signing secret is shown only once; receivers verify X-Cycles-Signature with it\n")
+
+
+@webhook_app.command("list")
+def webhook_list(
+    ctx: typer.Context,
+    tenant_id: str | None = typer.Option(None, "--tenant-id", help="Only this owner's subscriptions."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """List webhook subscriptions."""
+    query = {"tenant_id": tenant_id, "limit": "100"} if tenant_id else {"limit": "100"}
+    page = _observe(ctx, "GET", "/v1/admin/webhooks", lambda ledger: _local_webhooks(ledger).list(query, tenant=None),
+                    params=query)  # fmt: skip
+    if _want_json(ctx, json_out):
+        return emit_json(page)
+    subs = page["subscriptions"]
+    _console().print(_webhook_table(subs) if subs else "no webhook subscriptions")
+
+
+@webhook_app.command("delete")
+def webhook_delete(ctx: typer.Context, subscription_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Delete a subscription (its pending deliveries are dropped)."""
+    _observe(ctx, "DELETE", f"/v1/admin/webhooks/{subscription_id}",
+             lambda ledger: _local_webhooks(ledger).delete(subscription_id, tenant=None))  # fmt: skip
+    _console().print(f"deleted {escape(subscription_id)}")
+
+
+@webhook_app.command("deliveries")
+def webhook_deliveries(
+    ctx: typer.Context, subscription_id: str = typer.Argument(..., metavar="ID"), json_out: bool = JsonFlag
+) -> None:
+    """The latest deliveries of a subscription: status, attempts, last response."""
+    path = f"/v1/admin/webhooks/{subscription_id}/deliveries"
+    page = _observe(ctx, "GET", path, lambda ledger: _local_webhooks(ledger).deliveries(subscription_id, {},
+                                                                                         tenant=None))  # fmt: skip
+    if _want_json(ctx, json_out):
+        return emit_json(page)
+    table = Table("delivery", "event", "type", "status", "attempts", "response", "error")
+    for d in page["deliveries"]:
+        table.add_row(d["delivery_id"], d["event_id"], d.get("event_type", ""), d["status"], str(d.get("attempts", 0)),
+                      str(d.get("response_status", "")), escape(d.get("error_message", "")))  # fmt: skip
+    _console().print(table if page["deliveries"] else "no deliveries")
+
+
+@app.command("events")
+def events_cmd(
+    ctx: typer.Context,
+    event_type: str | None = typer.Option(None, "--type", help="Only this event type, e.g. reservation.denied."),
+    tenant_id: str | None = typer.Option(None, "--tenant-id", help="Only this tenant's events."),
+    limit: int = typer.Option(20, "--limit", min=1, max=100, help="How many, newest first."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """Recent events (state transitions the budget authority recorded), newest first."""
+    from cycles.ledger.events import list_events
+
+    query = {k: v for k, v in (("event_type", event_type), ("tenant_id", tenant_id), ("limit", str(limit))) if v}
+    page = _observe(ctx, "GET", "/v1/admin/events", lambda ledger: list_events(ledger, query), params=query)
+    if _want_json(ctx, json_out):
+        return emit_json(page)
+    table = Table("time", "event", "tenant", "scope", "detail")
+    for e in page["events"]:
+        data = e.get("data", {})
+        detail = data.get("reason_code") or data.get("operation") or data.get("new_status") or ""
+        table.add_row(e["timestamp"], e["event_type"], e["tenant_id"], escape(e.get("scope", "")), str(detail))
+    _console().print(table if page["events"] else "no events")
 
 
 # -------------------------------------------------------------------------------------------------------- demo

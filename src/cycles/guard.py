@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import context
+from . import context, telemetry
 from .amounts import format_amount
 from .errors import (
     BudgetExceeded,
@@ -146,6 +146,8 @@ class Reservation:
     charged: Amount | None = None
     metrics: StandardMetrics | None = None
     commit_metadata: dict[str, Any] | None = None
+    scope_path: str | None = None
+    model_call: Any = None  # the cycles.calls.ModelCall this guards, if any (its model and usage go on spans)
     _recorded: int | None = None
     _parent: Envelope | None = None
     _run: Run | None = None
@@ -288,6 +290,7 @@ class Reservation:
                 log.warning("cycles shadow mode: %s would be denied (%s)", self, response.reason_code)
             return
         self.status, self.id, self.expires_at_ms = "ACTIVE", response.reservation_id, response.expires_at_ms
+        self.scope_path = response.scope_path
         if self.caps is not None:
             self._check_tool_caps()
         if response.remaining_ttl_ms:
@@ -351,6 +354,7 @@ class Reservation:
         request = self._prepare(args, kwargs)
         if request is None:
             return self
+        span = telemetry.start("reserve")
         for attempt in range(RESERVE_ATTEMPTS):
             began = time.monotonic()
             try:
@@ -359,9 +363,11 @@ class Reservation:
                 if _transient(exc) and attempt < RESERVE_ATTEMPTS - 1:
                     time.sleep(self._backoff(exc, attempt))
                     continue
+                telemetry.end(span, self, exc)
                 self._unreachable(exc)
                 return self
             self._admitted(response, time.monotonic() - began)
+            telemetry.end(span, self)
             return self
         return self
 
@@ -369,6 +375,7 @@ class Reservation:
         request = self._prepare(args, kwargs)
         if request is None:
             return self
+        span = telemetry.start("reserve")
         for attempt in range(RESERVE_ATTEMPTS):
             began = time.monotonic()
             try:
@@ -377,9 +384,11 @@ class Reservation:
                 if _transient(exc) and attempt < RESERVE_ATTEMPTS - 1:
                     await asyncio.sleep(self._backoff(exc, attempt))
                     continue
+                telemetry.end(span, self, exc)
                 self._unreachable(exc)
                 return self
             self._admitted(response, time.monotonic() - began)
+            telemetry.end(span, self)
             return self
         return self
 
@@ -522,6 +531,7 @@ class Reservation:
             return self.charged
         request = self._commit_request(actual, metrics, metadata)
         journal = self._journal_write(request)
+        span = telemetry.start("commit")
         try:
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
@@ -538,7 +548,9 @@ class Reservation:
                     time.sleep(self._backoff(exc, attempt))
         except CyclesError as exc:
             self._settle_failed(exc, journal)
+            telemetry.end(span, self, exc, actual=request.actual.amount)
             raise
+        telemetry.end(span, self)
         if journal is not None:
             journal.remove(self.id)  # type: ignore[arg-type]
         return self.charged
@@ -554,6 +566,7 @@ class Reservation:
             return self.commit(actual, metrics=metrics, metadata=metadata)
         request = self._commit_request(actual, metrics, metadata)
         journal = self._journal_write(request)
+        span = telemetry.start("commit")
         try:
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
@@ -571,7 +584,9 @@ class Reservation:
                     await asyncio.sleep(self._backoff(exc, attempt))
         except CyclesError as exc:
             self._settle_failed(exc, journal)
+            telemetry.end(span, self, exc, actual=request.actual.amount)
             raise
+        telemetry.end(span, self)
         if journal is not None:
             journal.remove(self.id)  # type: ignore[arg-type]
         return self.charged
@@ -617,6 +632,7 @@ class Reservation:
             return
         request = self._release_request(reason)
         self.client.heartbeat.forget(self)
+        span = telemetry.start("release")
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 self.client.transport.release(self.id, request)  # type: ignore[arg-type]
@@ -625,9 +641,11 @@ class Reservation:
                 break  # the hold already went back to the budget
             except CyclesError as exc:
                 if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                    telemetry.end(span, self, exc)
                     raise
                 time.sleep(COMMIT_BACKOFF_S * 2**attempt)
         self.status = "RELEASED"
+        telemetry.end(span, self, actual=0)
         self._report(0)
 
     async def arelease(self, reason: str | None = None) -> None:
@@ -635,6 +653,7 @@ class Reservation:
             return self.release(reason)
         request = self._release_request(reason)
         self.client.heartbeat.forget(self)
+        span = telemetry.start("release")
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 await self.client.transport.arelease(self.id, request)  # type: ignore[arg-type]
@@ -643,9 +662,11 @@ class Reservation:
                 break
             except CyclesError as exc:
                 if not _transient(exc) or attempt == COMMIT_ATTEMPTS - 1:
+                    telemetry.end(span, self, exc)
                     raise
                 await asyncio.sleep(COMMIT_BACKOFF_S * 2**attempt)
         self.status = "RELEASED"
+        telemetry.end(span, self, actual=0)
         self._report(0)
 
     def extend(self, by_ms: int) -> int | None:

@@ -38,6 +38,19 @@ def serve(
     sweep_interval: Annotated[
         float, typer.Option(min=0.0, help="Seconds between expiry sweeps (one worker sweeps at a time); 0 = off.")
     ] = 1.0,
+    webhook_interval: Annotated[
+        float, typer.Option(min=0.0, help="Seconds between webhook delivery rounds (every worker delivers); 0 = off.")
+    ] = 1.0,
+    webhook_lease: Annotated[
+        float, typer.Option(min=1.0, help="Seconds a claimed webhook delivery stays claimed before it is retried.")
+    ] = 30.0,
+    webhook_allow_private: Annotated[
+        bool,
+        typer.Option(
+            envvar="CYCLES_WEBHOOK_ALLOW_PRIVATE",
+            help="Accept webhook targets on private, loopback and link-local addresses (refused by default).",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info, debug.")] = "info",
     graceful_timeout: Annotated[
         float, typer.Option(min=0.0, help="Seconds in-flight requests get to finish on shutdown (SIGINT/SIGTERM).")
@@ -57,13 +70,16 @@ def serve(
       --workers N        worker processes (N > 1 needs a file or Redis store; one of them runs the expiry sweep)
       --admin-api-key    X-Admin-API-Key secret (env CYCLES_ADMIN_API_KEY); without it no admin routes
       --sweep-interval   seconds between expiry sweeps (default 1; 0 disables the timer)
+      --webhook-interval seconds between webhook delivery rounds (default 1; 0 disables delivery)
+      --webhook-lease    seconds a claimed delivery stays claimed (default 30)
+      --webhook-allow-private  accept private/loopback webhook targets (env CYCLES_WEBHOOK_ALLOW_PRIVATE)
       --log-level        uvicorn log level (default info)
       --graceful-timeout seconds to finish in-flight requests on shutdown (default 10)
       --keep-alive       seconds an idle keep-alive connection stays open (default 5)
 
     Endpoints: POST and GET /v1/reservations, GET /v1/reservations/ID, POST /v1/reservations/ID/commit, release
-    and extend, POST /v1/decide, GET /v1/balances, POST /v1/events; /v1/admin/tenants, budgets and api-keys;
-    GET /v1/auth/introspect; GET /healthz and /readyz.
+    and extend, POST /v1/decide, GET /v1/balances, POST and GET /v1/events, /v1/webhooks; /v1/admin/tenants,
+    budgets, policies, api-keys, events, webhooks and audit/logs; GET /v1/auth/introspect; GET /healthz and /readyz.
     """
     import uvicorn
 
@@ -77,10 +93,21 @@ def serve(
     # the factory reads its settings from the environment, so every worker process builds the same app
     os.environ["CYCLES_STORE"] = store
     os.environ["CYCLES_SWEEP_INTERVAL"] = str(sweep_interval)
+    os.environ["CYCLES_WEBHOOK_INTERVAL"] = str(webhook_interval)
+    os.environ["CYCLES_WEBHOOK_LEASE_MS"] = str(int(webhook_lease * 1000))
+    os.environ["CYCLES_WEBHOOK_ALLOW_PRIVATE"] = "1" if webhook_allow_private else "0"
     if admin_api_key:
         os.environ["CYCLES_ADMIN_API_KEY"] = admin_api_key
     else:
         os.environ.pop("CYCLES_ADMIN_API_KEY", None)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics sums every worker's samples (server/metrics.py): a fresh directory they all write to
+        import atexit
+        import shutil
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory = tempfile.mkdtemp(prefix="cycles-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if workers == 1:
         from .server import app_from_env  # fail fast (bad store URL, missing extra) before binding the port

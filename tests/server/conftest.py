@@ -133,8 +133,8 @@ def response_schema(method: str, path: str, status: int, body: Any) -> tuple[str
                             "extend": "ReservationExtendResponse"}[parts[3]])  # fmt: skip
     if resource == "decide":
         return ("runtime", "DecisionResponse")
-    if resource == "events":
-        return ("runtime", "EventCreateResponse")
+    if resource == "events":  # GET /v1/events is the admin spec's tenant event listing (tests/observability)
+        return ("runtime", "EventCreateResponse") if method == "POST" else None
     if resource == "balances":
         items = body.get("balances") if isinstance(body, dict) else None
         if items and "ledger_id" in items[0]:

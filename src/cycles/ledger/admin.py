@@ -13,6 +13,8 @@ import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from ..amounts import format_amount
 from ..errors import (
     BudgetExceeded,
@@ -51,6 +53,7 @@ from ..models import (
     Unit,
 )
 from ..scopes import format_scope, parse_scope
+from . import events
 from .rules import (
     canonical_json,
     check_int64,
@@ -153,10 +156,54 @@ def key_model(k: ApiKeyRecord) -> ApiKey:
     )
 
 
+def snapshot(model: BaseModel) -> dict[str, Any]:
+    """A resource as the audit log keeps it before and after a change (secrets are never in these models)."""
+    return model.model_dump(mode="json", exclude_none=True)
+
+
+def _budget_state(b: BudgetRecord) -> dict[str, Any]:
+    return {"allocated": b.allocated, "remaining": b.remaining, "debt": b.debt, "spent": b.spent,
+            "reserved": b.reserved, "status": b.status}  # fmt: skip
+
+
+_FUNDING_EVENTS = {
+    "CREDIT": "budget.funded", "DEBIT": "budget.debited", "RESET": "budget.reset",
+    "RESET_SPENT": "budget.reset_spent", "REPAY_DEBT": "budget.debt_repaid",
+}  # fmt: skip
+
+
 @retrying_methods  # each public method is one operation, run again on a store.Conflict
 class Admin:
+    """Every change here writes, in its own transaction, an audit log entry (actor, time, resource before and
+    after) and an event of the admin spec's EventType (events.py)."""
+
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
+
+    @staticmethod
+    def _record(
+        tx: Transaction,
+        now: int,
+        operation: str,
+        resource: tuple[str, str],
+        before: BaseModel | None,
+        after: BaseModel | None,
+        *,
+        tenant: str | None,
+        event: tuple[str, str, dict[str, Any]] | None,
+        scope: str | None = None,
+        status: int = 200,
+    ) -> None:
+        """Audit `operation` on `resource` (type, id) by the authenticated `tenant` (None: the admin key), and emit
+        `event` (type, owning tenant, data)."""
+        events.audit(
+            tx, now, operation, tenant_id=tenant, resource_type=resource[0], resource_id=resource[1],
+            before=snapshot(before) if before is not None else None,
+            after=snapshot(after) if after is not None else None, status=status,
+        )  # fmt: skip
+        if event is not None:
+            event_type, owner, data = event
+            events.emit(tx, now, event_type, owner, data, scope=scope)
 
     # ---------------------------------------------------------------------------------------------------- tenants
     def create_tenant(self, request: TenantCreateRequest | Mapping[str, Any]) -> tuple[Tenant, bool]:
@@ -174,7 +221,11 @@ class Admin:
             if record.default_reservation_ttl_ms > record.max_reservation_ttl_ms:
                 raise InvalidRequest("default_reservation_ttl_ms exceeds max_reservation_ttl_ms")
             tx.put_tenant(record)
-            return tenant_model(record), True
+            created = tenant_model(record)
+            data = {"tenant_id": record.tenant_id, "new_status": record.status}
+            self._record(tx, now, "createTenant", ("tenant", record.tenant_id), None, created, tenant=None,
+                         status=201, event=("tenant.created", record.tenant_id, data))  # fmt: skip
+            return created, True
 
     def get_tenant(self, tenant_id: str) -> Tenant:
         with self.ledger.begin() as (tx, _now):
@@ -198,6 +249,7 @@ class Admin:
         req = parse(TenantUpdateRequest, request)
         with self.ledger.begin() as (tx, now):
             t = self._tenant(tx, tenant_id)
+            before = tenant_model(t)
             changes = req.model_dump(exclude_none=True)
             status = changes.pop("status", None)
             if t.status == "CLOSED" and (changes or (status and status != "CLOSED")):
@@ -215,24 +267,45 @@ class Admin:
                     self._close_cascade(tx, t, now)
             t.updated_at_ms = now
             tx.put_tenant(t)
-            return tenant_model(t)
+            after = tenant_model(t)
+            if before.status != t.status:
+                kind = {"SUSPENDED": "suspended", "CLOSED": "closed", "ACTIVE": "reactivated"}[t.status]
+            else:
+                kind = "settings_changed" if changes else "updated"
+            data = {"tenant_id": tenant_id, "previous_status": before.status, "new_status": t.status,
+                    "changed_fields": sorted(changes) + (["status"] if before.status != t.status else [])}  # fmt: skip
+            self._record(tx, now, "updateTenant", ("tenant", tenant_id), before, after, tenant=None,
+                         event=("tenant." + kind, tenant_id, data))  # fmt: skip
+            return after
 
     def _close_cascade(self, tx: Transaction, t: TenantRecord, now: int) -> None:
-        for r in tx.active_reservations(t.tenant_id):
+        owner, why = t.tenant_id, f"tenant_close:{t.tenant_id}"
+        for r in tx.active_reservations(owner):
             tx.move(tx.get_budgets(r.unit, r.budgeted_scopes), reserved=-r.estimate)
             r.status, r.finalized_at_ms = "RELEASED", now
             r.committed_metadata = {"release_reason": "tenant closed"}
             tx.save_reservation(r)
+            data = {"reservation_id": r.reservation_id, "scope": r.scope_path, "unit": r.unit,
+                    "estimated_amount": r.estimate}  # fmt: skip
+            events.emit(tx, now, "reservation.released_via_tenant_cascade", owner, data, scope=r.scope_path,
+                        correlation_id=why)  # fmt: skip
         after: tuple[str, str] | None = None
-        while rows := tx.list_budgets(tenant_id=t.tenant_id, after=after, limit=500):
+        while rows := tx.list_budgets(tenant_id=owner, after=after, limit=500):
             for b in rows:
+                previous = _budget_state(b)
                 b.status, b.updated_at_ms = "CLOSED", now
                 tx.save_budget(b)
+                data = {"ledger_id": b.ledger_id, "scope": b.scope, "unit": b.unit, "operation": "STATUS_CHANGE",
+                        "previous_state": previous, "new_state": _budget_state(b)}  # fmt: skip
+                events.emit(tx, now, "budget.closed_via_tenant_cascade", owner, data, scope=b.scope,
+                            correlation_id=why)  # fmt: skip
             after = (rows[-1].scope, rows[-1].unit)
-        for k in tx.list_keys(t.tenant_id, None, 1_000_000):
+        for k in tx.list_keys(owner, None, 1_000_000):
             if k.status == "ACTIVE":
                 k.status, k.revoked_at_ms, k.revoked_reason = "REVOKED", now, "tenant closed"
                 tx.save_key(k)
+                data = {"key_id": k.key_id, "key_name": k.name, "previous_status": "ACTIVE", "new_status": "REVOKED"}
+                events.emit(tx, now, "api_key.revoked_via_tenant_cascade", owner, data, correlation_id=why)
 
     @staticmethod
     def _tenant(tx: Transaction, tenant_id: str) -> TenantRecord:
@@ -292,7 +365,12 @@ class Admin:
                 updated_at_ms=now,
             )
             tx.insert_budget(b)
-            return ledger_model(b)
+            created = ledger_model(b)
+            data = {"ledger_id": b.ledger_id, "scope": scope, "unit": b.unit, "operation": "CREATE",
+                    "new_state": _budget_state(b)}  # fmt: skip
+            self._record(tx, now, "createBudget", ("budget", b.ledger_id), None, created, tenant=tenant, status=201,
+                         event=("budget.created", owner, data), scope=scope)  # fmt: skip
+            return created
 
     def get_budget(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
         with self.ledger.begin() as (tx, _now):
@@ -342,6 +420,7 @@ class Admin:
         req = parse(BudgetUpdateRequest, request)
         with self.ledger.begin() as (tx, now):
             b = self._budget(tx, scope, unit, tenant)
+            before, previous = ledger_model(b), _budget_state(b)
             if req.overdraft_limit is not None:
                 if req.overdraft_limit.unit != b.unit:
                     raise UnitMismatch(f"overdraft_limit is in {req.overdraft_limit.unit}, the budget in {b.unit}")
@@ -356,7 +435,12 @@ class Admin:
                 b.metadata = req.metadata
             b.updated_at_ms = now
             tx.save_budget(b)
-            return ledger_model(b)
+            after = ledger_model(b)
+            data = {"ledger_id": b.ledger_id, "scope": b.scope, "unit": b.unit, "operation": "UPDATE",
+                    "previous_state": previous, "new_state": _budget_state(b)}  # fmt: skip
+            self._record(tx, now, "updateBudget", ("budget", b.ledger_id), before, after, tenant=tenant,
+                         event=("budget.updated", b.tenant_id, data), scope=b.scope)  # fmt: skip
+            return after
 
     def freeze(self, scope: str, unit: str | Unit, *, tenant: str | None = None) -> BudgetLedger:
         return self._set_status(scope, unit, "FROZEN", tenant)
@@ -370,8 +454,15 @@ class Admin:
             if b.status == "CLOSED":
                 raise DuplicateResource(f"budget {b.scope} is closed")
             if b.status != status:
+                before, previous = ledger_model(b), _budget_state(b)
                 b.status, b.updated_at_ms = status, now
                 tx.save_budget(b)
+                data = {"ledger_id": b.ledger_id, "scope": b.scope, "unit": b.unit, "operation": "STATUS_CHANGE",
+                        "previous_state": previous, "new_state": _budget_state(b)}  # fmt: skip
+                kind = "frozen" if status == "FROZEN" else "unfrozen"
+                self._record(tx, now, "freezeBudget" if status == "FROZEN" else "unfreezeBudget",
+                             ("budget", b.ledger_id), before, ledger_model(b), tenant=tenant,
+                             event=("budget." + kind, b.tenant_id, data), scope=b.scope)  # fmt: skip
             return ledger_model(b)
 
     def fund(
@@ -398,6 +489,7 @@ class Admin:
                 if amount is not None and amount.unit != b.unit:
                     raise UnitMismatch(f"{name} is in {amount.unit}, the budget in {b.unit}")
             before = (b.allocated, b.remaining, b.debt, b.spent)
+            before_model, previous = ledger_model(b), _budget_state(b)
             a = req.amount.amount
             if req.operation == "CREDIT":
                 b.allocated += a
@@ -438,6 +530,15 @@ class Admin:
             )
             if req.idempotency_key is not None:
                 self.ledger._remember(tx, b.tenant_id, endpoint, req.idempotency_key, fp, response)
+            data = {"ledger_id": b.ledger_id, "scope": b.scope, "unit": u, "operation": req.operation,
+                    "previous_state": previous, "new_state": _budget_state(b)}  # fmt: skip
+            if req.operation == "RESET_SPENT":
+                data["spent_override_provided"] = req.spent is not None
+            if req.reason:
+                data["reason"] = req.reason
+            event = (_FUNDING_EVENTS[req.operation], b.tenant_id, data)
+            self._record(tx, now, "fundBudget", ("budget", b.ledger_id), before_model, ledger_model(b),
+                         tenant=tenant, event=event, scope=b.scope)  # fmt: skip
             return response
 
     # --------------------------------------------------------------------------------------------------- policies
@@ -457,7 +558,11 @@ class Admin:
             )
             p = PolicyRecord(new_id("pol_"), owner, req.name, req.scope_pattern, req.priority, "ACTIVE", now, now, body)
             tx.put_policy(p)
-            return policy_model(p)
+            created = policy_model(p)
+            data = {"policy_id": p.policy_id, "name": p.name, "scope_pattern": p.scope_pattern}
+            self._record(tx, now, "createPolicy", ("policy", p.policy_id), None, created, tenant=tenant, status=201,
+                         event=("policy.created", owner, data))  # fmt: skip
+            return created
 
     def list_policies(self, *, tenant: str | None = None, tenant_id: str | None = None) -> PolicyListResponse:
         if tenant is not None and tenant_id not in (None, tenant):
@@ -476,14 +581,21 @@ class Admin:
             p = tx.get_policy(policy_id)
             if p is None or (tenant is not None and p.tenant_id != tenant):
                 raise NotFound(f"policy {policy_id!r} not found", details={"policy_id": policy_id})
+            before = policy_model(p)
             changes = req.model_dump(mode="json", exclude_none=True)
+            changed = sorted(changes)
             p.name = changes.pop("name", p.name)
             p.priority = changes.pop("priority", p.priority)
             p.status = changes.pop("status", p.status)
             p.body.update(changes)
             p.updated_at_ms = now
             tx.put_policy(p)
-            return policy_model(p)
+            after = policy_model(p)
+            data = {"policy_id": p.policy_id, "name": p.name, "scope_pattern": p.scope_pattern,
+                    "changed_fields": changed}  # fmt: skip
+            self._record(tx, now, "updatePolicy", ("policy", p.policy_id), before, after, tenant=tenant,
+                         event=("policy.updated", p.tenant_id, data))  # fmt: skip
+            return after
 
     # --------------------------------------------------------------------------------------------------- api keys
     def create_api_key(
@@ -517,6 +629,9 @@ class Admin:
                 metadata=req.metadata,
             )
             tx.insert_key(k)
+            data = {"key_id": k.key_id, "key_name": k.name, "new_status": k.status, "permissions": k.permissions}
+            self._record(tx, now, "createApiKey", ("api_key", k.key_id), None, key_model(k), tenant=tenant,
+                         status=201, event=("api_key.created", k.tenant_id, data))  # fmt: skip
         return ApiKeyCreateResponse(
             key_id=k.key_id,
             key_secret=secret,
@@ -555,22 +670,34 @@ class Admin:
         self, key_id: str, request: ApiKeyUpdateRequest | Mapping[str, Any], *, tenant: str | None = None
     ) -> ApiKey:
         req = parse(ApiKeyUpdateRequest, request)
-        with self.ledger.begin() as (tx, _now):
+        with self.ledger.begin() as (tx, now):
             k = self._key(tx, key_id, tenant)
             if k.status != "ACTIVE":
                 raise DuplicateResource(f"api key {key_id!r} is {k.status}")
-            for name, value in req.model_dump(exclude_none=True).items():
+            before = key_model(k)
+            changes = req.model_dump(exclude_none=True)
+            for name, value in changes.items():
                 setattr(k, name, value)
             tx.save_key(k)
-            return key_model(k)
+            after = key_model(k)
+            event = None
+            if "permissions" in changes and list(before.permissions or []) != list(k.permissions):
+                data = {"key_id": k.key_id, "key_name": k.name, "permissions": k.permissions}
+                event = ("api_key.permissions_changed", k.tenant_id, data)
+            self._record(tx, now, "updateApiKey", ("api_key", k.key_id), before, after, tenant=tenant, event=event)
+            return after
 
     def revoke_api_key(self, key_id: str, reason: str | None = None, *, tenant: str | None = None) -> ApiKey:
         """Permanent. Revoking a revoked key again is a no-op."""
         with self.ledger.begin() as (tx, now):
             k = self._key(tx, key_id, tenant)
             if k.status == "ACTIVE":
+                before = key_model(k)
                 k.status, k.revoked_at_ms, k.revoked_reason = "REVOKED", now, reason
                 tx.save_key(k)
+                data = {"key_id": k.key_id, "key_name": k.name, "previous_status": "ACTIVE", "new_status": "REVOKED"}
+                self._record(tx, now, "revokeApiKey", ("api_key", k.key_id), before, key_model(k), tenant=tenant,
+                             event=("api_key.revoked", k.tenant_id, data))  # fmt: skip
             return key_model(k)
 
     def authenticate(self, secret: str) -> ApiKeyRecord:

@@ -84,6 +84,7 @@ from ..models import (
     parse,
 )
 from ..scopes import LEVELS, affected_scopes, format_scope
+from . import events
 from .store import (
     BudgetRecord,
     DuplicateKey,
@@ -292,6 +293,7 @@ class Ledger:
         self.clock = clock
         self.default_tenant = default_tenant
         self.admin = Admin(self)
+        self.on_expired: Callable[[int], None] | None = None  # told how many each sweep expired (server metrics)
 
     # ------------------------------------------------------------------------------------------- transactions
     def _now(self, tx: Transaction) -> int:
@@ -320,16 +322,27 @@ class Ledger:
         total = 0
         while due := tx.due_reservations(now, SWEEP_BATCH):
             for r in due:
-                self._expire(tx, r)
+                self._expire(tx, r, now)
             total += len(due)
             if len(due) < SWEEP_BATCH:
                 break
+        if total and self.on_expired is not None:
+            self.on_expired(total)
         return total
 
-    def _expire(self, tx: Transaction, r: ReservationRecord) -> None:
+    def _expire(self, tx: Transaction, r: ReservationRecord, now: int) -> None:
         r.status = "EXPIRED"
         tx.save_reservation(r)
         tx.move(tx.get_budgets(r.unit, r.budgeted_scopes), reserved=-r.estimate)
+        events.emit(
+            tx, now, "reservation.expired", r.tenant,
+            {
+                "reservation_id": r.reservation_id, "scope": r.scope_path, "unit": r.unit,
+                "estimated_amount": r.estimate, "created_at": iso(r.created_at_ms), "expired_at": iso(now),
+                "ttl_ms": r.expires_at_ms - r.created_at_ms, "extensions_used": r.extensions,
+            },
+            scope=r.scope_path, actor=events.SYSTEM, source="expiry-sweeper", correlation_id=r.reservation_id,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _subject(self, fields: dict[str, Any], tenant: str | None) -> dict[str, Any]:
@@ -435,11 +448,11 @@ class Ledger:
                     return budgets, Denial("BUDGET_EXCEEDED", b.scope, b, estimate)
         return budgets, None
 
-    @staticmethod
     def _move(
-        tx: Transaction, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0
+        self, tx: Transaction, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0
     ) -> None:
-        """Apply the same deltas to every budget in one store write (which updates the records too)."""
+        """Apply the same deltas to every budget in one store write (which updates the records too); a ledger whose
+        remaining drops to zero or below gets a budget.exhausted event."""
         if not budgets:
             return
         # Each new counter is >= 0 and allocated >= 0, so while their new sum stays within int64 none can leave it
@@ -449,11 +462,25 @@ class Ledger:
             if b.reserved + b.spent + b.debt > limit:
                 check_int64(b, reserved=b.reserved + reserved, spent=b.spent + spent, debt=b.debt + debt)
         tx.move(budgets, reserved=reserved, spent=spent, debt=debt)
+        drop = reserved + spent + debt
+        if drop > 0:
+            for b in budgets:
+                if b.remaining <= 0 < b.remaining + drop:
+                    self._budget_event(tx, "budget.exhausted", b, threshold=1.0, direction="rising")
 
-    @staticmethod
-    def _flag_over_limit(tx: Transaction, budgets: Sequence[BudgetRecord]) -> None:
+    def _budget_event(self, tx: Transaction, event_type: str, b: BudgetRecord, **data: Any) -> None:
+        """A budget.* event about one ledger (rare: only computed when a ledger crosses a line)."""
+        body = {"scope": b.scope, "unit": b.unit, "allocated": b.allocated, "remaining": b.remaining,
+                "spent": b.spent, "reserved": b.reserved, **data}  # fmt: skip
+        events.emit(tx, self._now(tx), event_type, b.tenant_id, body, scope=b.scope)
+
+    def _flag_over_limit(self, tx: Transaction, budgets: Sequence[BudgetRecord]) -> None:
         if budgets:
+            entering = [b for b in budgets if not b.is_over_limit]
             tx.set_over_limit(budgets[0].unit, [b.scope for b in budgets], True)
+            for b in entering:
+                self._budget_event(tx, "budget.over_limit_entered", b, debt=b.debt, overdraft_limit=b.overdraft_limit,
+                              is_over_limit=True)  # fmt: skip
 
     def _charge(
         self,
@@ -463,6 +490,7 @@ class Ledger:
         held: int,
         overage: int,
         policy: str,
+        reservation_id: str | None = None,
     ) -> int:
         """Turn a hold of `held` into spend, plus `overage` beyond it, under an overage policy (§4, §9).
 
@@ -489,6 +517,12 @@ class Ledger:
             for b in budgets:
                 funded = min(overage, max(b.remaining, 0))
                 self._move(tx, [b], reserved=-held, spent=held + funded, debt=overage - funded)
+                if overage > funded:
+                    data = {"debt_incurred": overage - funded, "total_debt": b.debt,
+                            "overdraft_limit": b.overdraft_limit, "overage_policy": policy}  # fmt: skip
+                    if reservation_id is not None:
+                        data["reservation_id"] = reservation_id
+                    self._budget_event(tx, "budget.debt_incurred", b, **data)
             return held + overage
         # ALLOW_IF_AVAILABLE (and overdraft onto a scope without overdraft): charge what every scope still has
         capped = min(overage, min(max(b.remaining, 0) for b in budgets))
@@ -519,9 +553,24 @@ class Ledger:
                 raise
             with self.store.transaction() as tx:
                 prior = tx.get_reservation_by_key(owner, key)
-                if prior is None:
-                    raise exc from None
-                return self._replay_reserve(prior, fp, key, self._now(tx))
+                if prior is not None:
+                    return self._replay_reserve(prior, fp, key, self._now(tx))
+                if isinstance(exc, BudgetDenied):  # nothing changed, but the operator hears of it
+                    self._denied(tx, exc, subject, payload["action"], req.estimate.unit, req.estimate.amount)
+            raise exc from None
+
+    def _denied(
+        self, tx: Transaction, exc: BudgetDenied, subject: dict[str, Any], action: dict[str, Any], unit: str, asked: int
+    ) -> None:
+        details = exc.details
+        scope = details.get("scope") or format_scope(subject)
+        data = {
+            "scope": scope, "unit": unit, "reason_code": details.get("reason_code", exc.code),
+            "requested_amount": asked, "action": action, "subject": subject,
+        }  # fmt: skip
+        if "remaining" in details:
+            data["remaining"] = details["remaining"]
+        events.emit(tx, self._now(tx), "reservation.denied", subject["tenant"], data, scope=scope)
 
     def _replay_reserve(self, prior: ReservationRecord, fp: str, key: str, now: int) -> ReservationCreateResponse:
         self._same_payload(prior.reserve_fingerprint, fp, key)
@@ -651,7 +700,21 @@ class Ledger:
             if overage:
                 if self._sweep(tx, now):  # the overage draws on remaining budget: free expired holds first
                     budgets = tx.get_budgets(r.unit, r.budgeted_scopes)
-                charged = self._charge(tx, budgets, held=r.estimate, overage=overage, policy=r.overage_policy)
+                debt_before = budgets[-1].debt if budgets else 0
+                charged = self._charge(
+                    tx, budgets, held=r.estimate, overage=overage, policy=r.overage_policy,
+                    reservation_id=r.reservation_id,
+                )  # fmt: skip
+                events.emit(
+                    tx, now, "reservation.commit_overage", r.tenant,
+                    {
+                        "reservation_id": r.reservation_id, "scope": r.scope_path, "unit": r.unit,
+                        "estimated_amount": r.estimate, "actual_amount": actual, "overage": overage,
+                        "overage_policy": r.overage_policy,
+                        "debt_incurred": (budgets[-1].debt - debt_before) if budgets else 0,
+                    },
+                    scope=r.scope_path, correlation_id=r.reservation_id,
+                )  # fmt: skip
             else:
                 self._move(tx, budgets, reserved=-r.estimate, spent=actual)
                 charged = actual
@@ -668,8 +731,14 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------------------ release
     def release(
-        self, reservation_id: str, request: ReleaseRequest | Mapping[str, Any], *, tenant: str | None = None
+        self,
+        reservation_id: str,
+        request: ReleaseRequest | Mapping[str, Any],
+        *,
+        tenant: str | None = None,
+        audited: events.Actor | None = None,
     ) -> ReleaseResponse:
+        """`audited`: the admin releasing with its key; the release is then in the audit log, before and after."""
         req = parse(ReleaseRequest, request)
         fp = fingerprint(req)
         with self.store.transaction() as tx:  # the hot path: no sweep first (see begin)
@@ -680,6 +749,7 @@ class Ledger:
                 return ReleaseResponse.model_validate_json(r.finalize_response)  # type: ignore[arg-type]
             self._tenant_open(tx, r.tenant)
             self._live(r, now)
+            before = detail(r, include=("metadata", "committed_metadata")) if audited is not None else None
             budgets = tx.get_budgets(r.unit, r.budgeted_scopes)
             self._move(tx, budgets, reserved=-r.estimate)
             body = {"status": "RELEASED", "released": amount(r.unit, r.estimate)}
@@ -690,6 +760,13 @@ class Ledger:
             r.finalize_key, r.finalize_fingerprint = req.idempotency_key, fp
             r.finalize_response = stored(body)
             tx.save_reservation(r)
+            if before is not None:
+                after = detail(r, include=("metadata", "committed_metadata"))
+                events.audit(
+                    tx, now, "releaseReservation", tenant_id=None, resource_type="reservation",
+                    resource_id=reservation_id, before=before.model_dump(mode="json", exclude_none=True),
+                    after=after.model_dump(mode="json", exclude_none=True), actor=audited,
+                )  # fmt: skip
             return response
 
     # ------------------------------------------------------------------------------------------------- extend

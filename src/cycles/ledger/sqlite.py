@@ -27,13 +27,19 @@ from pydantic_core import from_json, to_json
 from ..errors import InvalidRequest, StoreBusy
 from .store import (
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     BudgetRecord,
+    DeliveryRecord,
     DuplicateKey,
+    EventFilter,
     EventRecord,
+    OutboxEvent,
     PolicyRecord,
     ReservationFilter,
     ReservationRecord,
     TenantRecord,
+    WebhookRecord,
 )
 
 SCHEMA_VERSION = 1  # PRAGMA user_version: bump, and migrate, when the tables change
@@ -89,6 +95,33 @@ CREATE TABLE IF NOT EXISTS policies (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS policies_tenant ON policies (tenant_id);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    event_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, event_type TEXT NOT NULL, category TEXT NOT NULL,
+    scope TEXT, created_at_ms INTEGER NOT NULL, correlation_id TEXT, request_id TEXT, trace_id TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_time ON outbox (created_at_ms, event_id);
+CREATE INDEX IF NOT EXISTS outbox_tenant ON outbox (tenant_id, created_at_ms);
+
+CREATE TABLE IF NOT EXISTS audit_log (
+    log_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, key_id TEXT, operation TEXT NOT NULL, resource_type TEXT,
+    resource_id TEXT, status INTEGER NOT NULL, created_at_ms INTEGER NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_time ON audit_log (created_at_ms, log_id);
+
+CREATE TABLE IF NOT EXISTS webhooks (
+    subscription_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, status TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_tenant ON webhooks (tenant_id, status);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY, subscription_id TEXT NOT NULL, status TEXT NOT NULL,
+    next_attempt_at_ms INTEGER NOT NULL, lease_until_ms INTEGER NOT NULL, created_at_ms INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_at_ms) WHERE status IN ('PENDING', 'RETRYING');
+CREATE INDEX IF NOT EXISTS deliveries_subscription ON deliveries (subscription_id, created_at_ms);
 
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL,
@@ -181,6 +214,35 @@ def _key(row: tuple) -> ApiKeyRecord:
     k.scope_filter = _load(row[10])
     k.metadata = _load(row[11])
     return k
+
+
+_EVENT_SORT = {
+    "event_type": "event_type",
+    "category": "category",
+    "scope": "scope",
+    "tenant_id": "tenant_id",
+    "created_at_ms": "created_at_ms",
+}
+
+
+def _fields(record: Any) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
+def _equal(**columns: Any) -> tuple[list[str], list[Any]]:
+    """WHERE terms `column = ?` for the given values that are not None."""
+    given = {c: v for c, v in columns.items() if v is not None}
+    return [f"{c} = ?" for c in given], list(given.values())
+
+
+def _window(where: list[str], args: list[Any], column: str, bounds: tuple[Any, Any]) -> None:
+    low, high = bounds
+    if low is not None:
+        where.append(f"{column} >= ?")
+        args.append(low)
+    if high is not None:
+        where.append(f"{column} <= ?")
+        args.append(high)
 
 
 class _Process:
@@ -511,6 +573,141 @@ class SQLiteTransaction:
                 e.created_at_ms, _dump(e.metadata), _dump(e.extra or None),
             ),
         )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------------- outbox
+    # the observability records are stored whole as JSON next to the columns their listings filter and sort on
+    def add_event(self, e: OutboxEvent) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (event_id, tenant_id, event_type, category, scope, created_at_ms, correlation_id, "
+            "request_id, trace_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                e.event_id, e.tenant_id, e.event_type, e.category, e.scope, e.created_at_ms, e.correlation_id,
+                e.request_id, e.trace_id, _dumps(_fields(e)),
+            ),
+        )  # fmt: skip
+
+    def get_event(self, event_id: str) -> OutboxEvent | None:
+        row = self._db.execute("SELECT body FROM outbox WHERE event_id = ?", (event_id,)).fetchone()
+        return None if row is None else OutboxEvent(**_loads(row[0]))
+
+    def list_events(
+        self, flt: EventFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[OutboxEvent]:
+        where, args = _equal(
+            tenant_id=flt.tenant_id, event_type=flt.event_type, category=flt.category, scope=flt.scope,
+            correlation_id=flt.correlation_id, request_id=flt.request_id, trace_id=flt.trace_id,
+        )  # fmt: skip
+        _window(where, args, "created_at_ms", flt.created)
+        column = _EVENT_SORT[sort_by]
+        rows = self._page("outbox", "event_id", column, where, args, descending, after, limit)
+        return [OutboxEvent(**_loads(row[0])) for row in rows]
+
+    def _page(
+        self,
+        table: str,
+        key: str,
+        column: str,
+        where: list[str],
+        args: list[Any],
+        descending: bool,
+        after: tuple[Any, str] | None,
+        limit: int,
+    ) -> list[tuple]:
+        """One keyset page of `table` ordered by (column, key)."""
+        op, order = ("<", "DESC") if descending else (">", "ASC")
+        if after is not None:
+            where.append(f"(COALESCE({column}, ''), {key}) {op} (?, ?)")
+            args += [after[0] if after[0] is not None else "", after[1]]
+        sql = f"SELECT body FROM {table}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY COALESCE({column}, '') {order}, {key} {order} LIMIT ?"
+        return self._db.execute(sql, (*args, limit)).fetchall()
+
+    # ------------------------------------------------------------------------------------------------------ audit
+    def add_audit(self, a: AuditRecord) -> None:
+        self._db.execute(
+            "INSERT INTO audit_log (log_id, tenant_id, key_id, operation, resource_type, resource_id, status, "
+            "created_at_ms, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                a.log_id, a.tenant_id, a.key_id, a.operation, a.resource_type, a.resource_id, a.status,
+                a.created_at_ms, _dumps(_fields(a)),
+            ),
+        )  # fmt: skip
+
+    def list_audit(
+        self, flt: AuditFilter, descending: bool, after: tuple[int, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        where, args = _equal(tenant_id=flt.tenant_id, key_id=flt.key_id, resource_id=flt.resource_id)
+        for column, values in (("operation", flt.operations), ("resource_type", flt.resource_types)):
+            if values:
+                where.append(f"{column} IN ({_placeholders(len(values))})")
+                args += values
+        _window(where, args, "status", flt.status)
+        _window(where, args, "created_at_ms", flt.created)
+        rows = self._page("audit_log", "log_id", "created_at_ms", where, args, descending, after, limit)
+        return [AuditRecord(**_loads(row[0])) for row in rows]
+
+    # --------------------------------------------------------------------------------------------------- webhooks
+    def put_webhook(self, w: WebhookRecord) -> None:
+        self._db.execute(
+            "REPLACE INTO webhooks (subscription_id, tenant_id, status, body) VALUES (?, ?, ?, ?)",
+            (w.subscription_id, w.tenant_id, w.status, _dumps(_fields(w))),
+        )
+
+    def get_webhook(self, subscription_id: str) -> WebhookRecord | None:
+        row = self._db.execute("SELECT body FROM webhooks WHERE subscription_id = ?", (subscription_id,)).fetchone()
+        return None if row is None else WebhookRecord(**_loads(row[0]))
+
+    def delete_webhook(self, subscription_id: str) -> None:
+        self._db.execute("DELETE FROM webhooks WHERE subscription_id = ?", (subscription_id,))
+        self._db.execute(
+            "UPDATE deliveries SET status = 'FAILED' WHERE subscription_id = ? AND status IN ('PENDING', 'RETRYING')",
+            (subscription_id,),
+        )
+
+    def list_webhooks(self, tenant_id: str | None, after: str | None, limit: int) -> list[WebhookRecord]:
+        where, args = _equal(tenant_id=tenant_id)
+        rows = self._page("webhooks", "subscription_id", "subscription_id", where, args, False,
+                          (after, after) if after else None, limit)  # fmt: skip
+        return [WebhookRecord(**_loads(row[0])) for row in rows]
+
+    def webhooks_for(self, tenant_id: str) -> list[WebhookRecord]:
+        rows = self._db.execute(
+            "SELECT body FROM webhooks WHERE tenant_id IN (?, '__system__') AND status = 'ACTIVE'", (tenant_id,)
+        ).fetchall()
+        return [WebhookRecord(**_loads(row[0])) for row in rows]
+
+    def put_delivery(self, d: DeliveryRecord) -> None:
+        self._db.execute(
+            "REPLACE INTO deliveries (delivery_id, subscription_id, status, next_attempt_at_ms, lease_until_ms, "
+            "created_at_ms, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                d.delivery_id, d.subscription_id, d.status, d.next_attempt_at_ms, d.lease_until_ms, d.created_at_ms,
+                _dumps(_fields(d)),
+            ),
+        )  # fmt: skip
+
+    def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[DeliveryRecord]:
+        rows = self._db.execute(
+            "SELECT body FROM deliveries WHERE status IN ('PENDING', 'RETRYING') AND next_attempt_at_ms <= ? "
+            "AND lease_until_ms <= ? ORDER BY next_attempt_at_ms, created_at_ms, delivery_id LIMIT ?",
+            (now_ms, now_ms, limit),
+        ).fetchall()
+        claimed = []
+        for (body,) in rows:
+            d = DeliveryRecord(**_loads(body))
+            d.lease_until_ms = now_ms + lease_ms
+            self.put_delivery(d)
+            claimed.append(d)
+        return claimed
+
+    def list_deliveries(
+        self, subscription_id: str, status: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[DeliveryRecord]:
+        where, args = _equal(subscription_id=subscription_id, status=status)
+        rows = self._page("deliveries", "delivery_id", "created_at_ms", where, args, True, after, limit)
+        return [DeliveryRecord(**_loads(row[0])) for row in rows]
 
     # --------------------------------------------------------------------------------------------------- policies
     def policies(self, tenant_id: str) -> list[PolicyRecord]:

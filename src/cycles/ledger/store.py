@@ -158,6 +158,120 @@ class ReservationFilter:
     finalized: tuple[int | None, int | None] = (None, None)
 
 
+@dataclass(slots=True)
+class OutboxEvent:
+    """A state transition (the admin spec's Event): written by the rules in the transaction that made the change,
+    so it exists exactly when the change does. Webhook deliveries are made from these (see DeliveryRecord)."""
+
+    event_id: str
+    event_type: str
+    tenant_id: str
+    created_at_ms: int
+    scope: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    actor: dict[str, Any] | None = None
+    source: str = "cycles-server"
+    correlation_id: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+
+    @property
+    def category(self) -> str:
+        return self.event_type.split(".", 1)[0]
+
+
+@dataclass(slots=True)
+class EventFilter:
+    """Store-level filter of an event listing; `created` is an inclusive ms window."""
+
+    tenant_id: str | None = None
+    event_type: str | None = None
+    category: str | None = None
+    scope: str | None = None
+    correlation_id: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    created: tuple[int | None, int | None] = (None, None)
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One admin action (or admin-key release): who, when, on what, with what outcome, and the resource before and
+    after it (None when it did not exist, or the action failed)."""
+
+    log_id: str
+    tenant_id: str
+    created_at_ms: int
+    operation: str
+    status: int
+    resource_type: str | None = None
+    resource_id: str | None = None
+    key_id: str | None = None
+    error_code: str | None = None
+    request_id: str | None = None
+    trace_id: str | None = None
+    source_ip: str | None = None
+    user_agent: str | None = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class AuditFilter:
+    tenant_id: str | None = None
+    key_id: str | None = None
+    operations: list[str] = field(default_factory=list)
+    resource_types: list[str] = field(default_factory=list)
+    resource_id: str | None = None
+    status: tuple[int | None, int | None] = (None, None)
+    created: tuple[int | None, int | None] = (None, None)
+
+
+@dataclass(slots=True)
+class WebhookRecord:
+    subscription_id: str
+    tenant_id: str  # "__system__": receives every tenant's events
+    url: str
+    signing_secret: str
+    event_types: list[str]
+    created_at_ms: int
+    updated_at_ms: int
+    event_categories: list[str] = field(default_factory=list)
+    status: str = "ACTIVE"  # ACTIVE, PAUSED, DISABLED (auto, after disable_after_failures in a row)
+    name: str | None = None
+    description: str | None = None
+    scope_filter: str | None = None
+    headers: dict[str, str] | None = None
+    retry_policy: dict[str, Any] = field(default_factory=dict)
+    disable_after_failures: int = 10
+    consecutive_failures: int = 0
+    last_triggered_at_ms: int | None = None
+    last_success_at_ms: int | None = None
+    last_failure_at_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class DeliveryRecord:
+    """One event to one subscription. The worker claims it with a lease (`lease_until_ms`): a worker that dies
+    between claim and send leaves it claimable again once the lease runs out, so it is sent at least once."""
+
+    delivery_id: str
+    subscription_id: str
+    event_id: str
+    event_type: str
+    created_at_ms: int
+    status: str = "PENDING"  # PENDING, RETRYING, SUCCESS, FAILED
+    attempts: int = 0
+    next_attempt_at_ms: int = 0
+    lease_until_ms: int = 0
+    attempted_at_ms: int | None = None
+    completed_at_ms: int | None = None
+    response_status: int | None = None
+    response_time_ms: int | None = None
+    error_message: str | None = None
+
+
 class DuplicateKey(Exception):
     """`insert_reservation` found the (tenant, idempotency_key) pair taken: the caller replays the original.
     (An optimistic store may raise it when the transaction ends, from `with store.transaction()`.)"""
@@ -269,6 +383,48 @@ class Transaction(Protocol):
 
     # events
     def insert_event(self, event: EventRecord) -> None: ...
+
+    # the outbox: events of state transitions, added in the transaction of the change
+    def add_event(self, event: OutboxEvent) -> None: ...
+    def get_event(self, event_id: str) -> OutboxEvent | None: ...
+    def list_events(
+        self, flt: EventFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[OutboxEvent]:
+        """Sorted by `sort_by` (event_type, category, scope, tenant_id or created_at_ms), then event_id; `after`
+        is the (sort value, event_id) of the last row of the previous page."""
+        ...
+
+    # the audit log
+    def add_audit(self, entry: AuditRecord) -> None: ...
+    def list_audit(
+        self, flt: AuditFilter, descending: bool, after: tuple[int, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        """By (created_at_ms, log_id); `after` as in list_events."""
+        ...
+
+    # webhooks: subscriptions, and their deliveries claimed under a lease
+    def put_webhook(self, webhook: WebhookRecord) -> None: ...
+    def get_webhook(self, subscription_id: str) -> WebhookRecord | None: ...
+    def delete_webhook(self, subscription_id: str) -> None: ...
+    def list_webhooks(self, tenant_id: str | None, after: str | None, limit: int) -> list[WebhookRecord]:
+        """By subscription_id; `tenant_id=None`: every tenant's."""
+        ...
+
+    def webhooks_for(self, tenant_id: str) -> list[WebhookRecord]:
+        """The ACTIVE subscriptions an event of this tenant may go to: the tenant's and the __system__ ones."""
+        ...
+
+    def put_delivery(self, delivery: DeliveryRecord) -> None: ...
+    def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[DeliveryRecord]:
+        """Up to `limit` PENDING or RETRYING deliveries due by `now_ms` and not leased past it, oldest first, each
+        leased until now_ms + lease_ms (written before the transaction ends): a claim, never a pop."""
+        ...
+
+    def list_deliveries(
+        self, subscription_id: str, status: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[DeliveryRecord]:
+        """Newest first, by (created_at_ms, delivery_id)."""
+        ...
 
     # policies
     def policies(self, tenant_id: str) -> list[PolicyRecord]: ...

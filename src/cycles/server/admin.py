@@ -9,6 +9,7 @@ key's own tenant. With the admin key, creating a budget needs `tenant_id` in the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import Forbidden, InvalidRequest, Unauthorized
-from ..ledger import Ledger
+from ..errors import CyclesError, Forbidden, InvalidRequest, Unauthorized
+from ..ledger import Ledger, events
+from ..ledger.events import Actor, current_actor
 from ..ledger.rules import iso
 from ..scopes import tenant_of
 from .auth import Authenticator, Principal, seen
@@ -66,6 +68,22 @@ def capabilities(principal: Principal) -> dict[str, bool]:
     return caps
 
 
+log = logging.getLogger("cycles.server")
+
+
+def actor_of(request: Request, principal: Principal) -> Actor:
+    """The caller as events and the audit log name it."""
+    state = request.scope.get("state", {})
+    return Actor(
+        "admin" if principal.is_admin else "api_key",
+        key_id=principal.key_id,
+        source_ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent"),
+        request_id=state.get("request_id"),
+        trace_id=state.get("trace_id"),
+    )
+
+
 class AdminAPI:
     def __init__(self, ledger: Ledger, auth: Authenticator) -> None:
         self.ledger = ledger
@@ -80,16 +98,39 @@ class AdminAPI:
         *,
         body: bool = False,
         optional_body: bool = False,
+        audit: tuple[str, str] | None = None,
     ) -> Any:
+        """Authenticate, parse, run `operation` as the caller (events.current_actor). `audit`: (operation id,
+        resource type) of a change; the change audits itself when it succeeds, a refusal is audited here."""
         raw = await read_body(request.receive, request.headers) if body or optional_body else b""
         query = query_dict(request.scope["query_string"])
 
         def work() -> Any:
             principal = seen(request, principal_of())
-            data = parse_json(request.headers, raw, required=not optional_body) if body or optional_body else {}
-            return operation(principal, data, query)
+            token = current_actor.set(actor_of(request, principal))
+            try:
+                data = parse_json(request.headers, raw, required=not optional_body) if body or optional_body else {}
+                return operation(principal, data, query)
+            except CyclesError as exc:
+                if audit is not None:
+                    self._refused(audit, principal, exc, request)
+                raise
+            finally:
+                current_actor.reset(token)
 
         return await run_in_threadpool(work)
+
+    def _refused(self, audit: tuple[str, str], principal: Principal, exc: CyclesError, request: Request) -> None:
+        """Audit a refused change in a transaction of its own (the change's rolled back)."""
+        resource_id = next(iter(request.path_params.values()), None) or request.query_params.get("scope")
+        try:
+            with self.ledger.store.transaction() as tx:
+                events.audit(
+                    tx, self.ledger._now(tx), audit[0], tenant_id=principal.tenant, resource_type=audit[1],
+                    resource_id=resource_id, before=None, after=None, status=exc.status, error_code=exc.code,
+                )  # fmt: skip
+        except CyclesError:  # the store is busy: the refusal itself still reaches the caller
+            log.warning("could not audit the refused %s", audit[0])
 
     @contextmanager
     def _changing_keys(self) -> Iterator[None]:
@@ -109,7 +150,11 @@ class AdminAPI:
     # ---------------------------------------------------------------------------------------------------- tenants
     async def create_tenant(self, request: Request) -> Response:
         tenant, created = await self._run(
-            request, self._admin(request), lambda p, b, q: self.admin.create_tenant(b), body=True
+            request,
+            self._admin(request),
+            lambda p, b, q: self.admin.create_tenant(b),
+            body=True,
+            audit=("createTenant", "tenant"),
         )
         return model_response(tenant, 201 if created else 200)
 
@@ -128,7 +173,11 @@ class AdminAPI:
         tenant_id = path_id(request.path_params["tenant_id"], "tenant_id")
         with self._changing_keys():  # a tenant's status decides whether its keys authenticate
             result = await self._run(
-                request, self._admin(request), lambda p, b, q: self.admin.update_tenant(tenant_id, b), body=True
+                request,
+                self._admin(request),
+                lambda p, b, q: self.admin.update_tenant(tenant_id, b),
+                body=True,
+                audit=("updateTenant", "tenant"),
             )
         return model_response(result)
 
@@ -139,7 +188,10 @@ class AdminAPI:
                 raise InvalidRequest("tenant_id is required in the body when using admin key authentication")
             return self.admin.create_budget(b, tenant=p.tenant)
 
-        return model_response(await self._run(request, self._either(request, "budgets:write"), op, body=True), 201)
+        result = await self._run(
+            request, self._either(request, "budgets:write"), op, body=True, audit=("createBudget", "budget")
+        )
+        return model_response(result, 201)
 
     async def list_budgets(self, request: Request) -> Response:
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
@@ -166,7 +218,9 @@ class AdminAPI:
             scope, unit = required_query(q, "scope", "unit")
             return self.admin.update_budget(scope, unit, b)
 
-        return model_response(await self._run(request, self._admin(request), op, body=True))
+        return model_response(
+            await self._run(request, self._admin(request), op, body=True, audit=("updateBudget", "budget"))
+        )
 
     async def fund(self, request: Request) -> Response:
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
@@ -180,21 +234,26 @@ class AdminAPI:
                 raise Forbidden(f"tenant_id {q['tenant_id']!r} is not the authenticated tenant")
             return self.admin.fund(scope, unit, b, tenant=p.tenant)
 
-        return model_response(await self._run(request, self._either(request, "budgets:write"), op, body=True))
+        result = await self._run(
+            request, self._either(request, "budgets:write"), op, body=True, audit=("fundBudget", "budget")
+        )
+        return model_response(result)
 
     async def freeze(self, request: Request) -> Response:
-        return await self._status(request, self.admin.freeze)
+        return await self._status(request, self.admin.freeze, "freezeBudget")
 
     async def unfreeze(self, request: Request) -> Response:
-        return await self._status(request, self.admin.unfreeze)
+        return await self._status(request, self.admin.unfreeze, "unfreezeBudget")
 
-    async def _status(self, request: Request, change: Callable[..., BaseModel]) -> Response:
+    async def _status(self, request: Request, change: Callable[..., BaseModel], operation: str) -> Response:
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
             scope, unit = required_query(q, "scope", "unit")
             return change(scope, unit)
 
         # the optional body ({reason}) is accepted and checked to be a JSON object, not stored
-        return model_response(await self._run(request, self._admin(request), op, optional_body=True))
+        return model_response(
+            await self._run(request, self._admin(request), op, optional_body=True, audit=(operation, "budget"))
+        )
 
     # --------------------------------------------------------------------------------------------------- policies
     async def create_policy(self, request: Request) -> Response:
@@ -202,7 +261,10 @@ class AdminAPI:
             check_timestamps(b, "effective_from", "effective_until")
             return self.admin.create_policy(b, tenant=p.tenant)
 
-        return model_response(await self._run(request, self._either(request, "policies:write"), op, body=True), 201)
+        result = await self._run(
+            request, self._either(request, "policies:write"), op, body=True, audit=("createPolicy", "policy")
+        )
+        return model_response(result, 201)
 
     async def list_policies(self, request: Request) -> Response:
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
@@ -217,7 +279,10 @@ class AdminAPI:
             check_timestamps(b, "effective_from", "effective_until")
             return self.admin.update_policy(policy_id, b, tenant=p.tenant)
 
-        return model_response(await self._run(request, self._either(request, "policies:write"), op, body=True))
+        result = await self._run(
+            request, self._either(request, "policies:write"), op, body=True, audit=("updatePolicy", "policy")
+        )
+        return model_response(result)
 
     # --------------------------------------------------------------------------------------------------- api keys
     async def create_api_key(self, request: Request) -> Response:
@@ -225,7 +290,8 @@ class AdminAPI:
             check_timestamps(b, "expires_at")
             return self.admin.create_api_key(b)
 
-        return model_response(await self._run(request, self._admin(request), op, body=True), 201)
+        result = await self._run(request, self._admin(request), op, body=True, audit=("createApiKey", "api_key"))
+        return model_response(result, 201)
 
     async def list_api_keys(self, request: Request) -> Response:
         def op(p: Principal, b: dict[str, Any], q: dict[str, str]) -> BaseModel:
@@ -239,7 +305,11 @@ class AdminAPI:
         key_id = path_id(request.path_params["key_id"], "key_id")
         with self._changing_keys():
             result = await self._run(
-                request, self._admin(request), lambda p, b, q: self.admin.update_api_key(key_id, b), body=True
+                request,
+                self._admin(request),
+                lambda p, b, q: self.admin.update_api_key(key_id, b),
+                body=True,
+                audit=("updateApiKey", "api_key"),
             )
         return model_response(result)
 
@@ -253,7 +323,7 @@ class AdminAPI:
             return self.admin.revoke_api_key(key_id, reason)
 
         with self._changing_keys():
-            return model_response(await self._run(request, self._admin(request), op))
+            return model_response(await self._run(request, self._admin(request), op, audit=("revokeApiKey", "api_key")))
 
     # ----------------------------------------------------------------------------------------------- validation
     async def validate(self, request: Request) -> Response:

@@ -15,6 +15,7 @@ X-Cycles-Tenant once a tenant key authenticated, errors included), the protocol'
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ class Call:
     `headers.get`), the raw query string, the reservation id of the path ("" on paths without one), the body;
     `tenant` is set once a tenant key authenticated (for the X-Cycles-Tenant response header)."""
 
-    __slots__ = ("headers", "query_string", "reservation_id", "body", "tenant")
+    __slots__ = ("headers", "query_string", "reservation_id", "body", "tenant", "request_id", "trace_id", "client")
 
     def __init__(self, headers: dict[str, str], query_string: bytes, reservation_id: str) -> None:
         self.headers = headers
@@ -44,6 +45,8 @@ class Call:
         self.reservation_id = reservation_id
         self.body = b""
         self.tenant: str | None = None
+        self.request_id = self.trace_id = ""
+        self.client: str | None = None  # the peer's address, for the audit log
 
     def seen(self, principal: Principal) -> Principal:
         if principal.tenant is not None:
@@ -108,6 +111,8 @@ class RuntimeDispatcher:
     def __init__(self, endpoints: list[Endpoint], fallback: ASGIApp, write_lock: WriteLock) -> None:
         self.fallback = fallback
         self.write_lock = write_lock
+        # told (method, route, seconds, response model or exception) of every runtime request: server metrics
+        self.observe: Callable[[str, str, float, object], None] | None = None
         self.state = getattr(fallback, "state", None)
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         for e in endpoints:
@@ -134,10 +139,14 @@ class RuntimeDispatcher:
         await self.fallback(scope, receive, send)
 
     async def serve(self, endpoint: Endpoint, rid: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         headers = read_headers(scope)
         call = Call(headers, scope["query_string"], rid or "")
         request_id = new_request_id()
         trace_id = trace_id_from(headers.get("traceparent"), headers.get("x-cycles-trace-id"))
+        call.request_id, call.trace_id = request_id, trace_id
+        client = scope.get("client")
+        call.client = client[0] if client else None
         try:
             if rid is not None:
                 path_id(rid, "reservation_id")
@@ -147,11 +156,13 @@ class RuntimeDispatcher:
             model = await self.write_lock.run(endpoint.handler(call))
             # model_dump_json's bytes, without its wrapper's decode to str (and our encode back)
             body = model.__pydantic_serializer__.to_json(model, exclude_none=True)
+            outcome: object = model
         except ClientDisconnect:
             return  # nobody to answer
         except Exception as exc:
             error = protocol_error(exc, request_id, scope["method"], scope["path"])
             status, body = error_status(error), error_body(error, request_id, trace_id)
+            outcome = error
         response_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
@@ -162,3 +173,5 @@ class RuntimeDispatcher:
             response_headers.append((b"x-cycles-tenant", call.tenant.encode()))
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": body})
+        if self.observe is not None:
+            self.observe(scope["method"], endpoint.path, time.perf_counter() - started, outcome)

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from ..errors import InvalidRequest
 from ..ledger import Ledger
+from ..ledger.events import Actor
 from ..models import (
     LEVELS,
     BudgetLedger,
@@ -81,7 +82,15 @@ class RuntimeAPI:
 
     def release(self, call: Call) -> LedgerWork:
         ledger, rid = self.ledger, call.reservation_id
-        release = lambda r, t: ledger.release(rid, r, tenant=t)  # noqa: E731
+
+        def release(r: ReleaseRequest, tenant: str | None) -> BaseModel:
+            if tenant is not None:
+                return ledger.release(rid, r, tenant=tenant)
+            # the admin key releasing someone's hold: in the audit log, with who and from where
+            actor = Actor("admin", source_ip=call.client, user_agent=call.headers.get("user-agent"),
+                          request_id=call.request_id, trace_id=call.trace_id)  # fmt: skip
+            return ledger.release(rid, r, audited=actor)
+
         return self._post(call, "reservations:release", ReleaseRequest, release, admin=True)
 
     def extend(self, call: Call) -> LedgerWork:

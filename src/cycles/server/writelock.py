@@ -77,6 +77,7 @@ class WriteLock:
         self._fd: int | None = None
         self._pid = 0
         self._batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's size (server metrics)
         self._waiter: ThreadPoolExecutor | None = None  # the thread that waits in flock while another worker holds it
 
     def _open(self) -> int | None:
@@ -120,6 +121,8 @@ class WriteLock:
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         batch, self._batch = self._batch, []
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         outcomes: dict[asyncio.Future[Any], tuple[bool, Any]] = {}  # caller -> (succeeded, result or exception)
         failure: Exception | None = None
         try:
