@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -997,6 +998,11 @@ LedgerMachine.TestCase.settings = settings(
 TestLedgerStateMachine = LedgerMachine.TestCase
 
 
+# the Redis store's observability keys (see the "Observability" block of cycles/ledger/redis.py), the pseudo-tenants'
+# slots, and their pointers
+OBSERVABILITY = re.compile(r"\{t:__\w+__\}|\{t:[^}]*\}:(o:|a:|d:|dl:|outbox$|audit$|webhooks$|due$)|cycles:(evid|wid):")
+
+
 class RedisLedgerMachine(LedgerMachine):
     """The same machine on the Redis store: db 0 of the session's redis-server, observed through a copy in db 1."""
 
@@ -1011,17 +1017,34 @@ class RedisLedgerMachine(LedgerMachine):
         return store, copy
 
     def raw(self) -> Any:
+        """The ledger's keys and values (as SQLite's `raw`, not the outbox, audit log and webhooks: a refused request
+        leaves an event there on purpose)."""
         r = self.store.redis
-        out = []
-        for key in sorted(r.keys("*")):
-            kind = r.type(key)
+        keys = sorted(k for k in r.keys("*") if not OBSERVABILITY.match(k))
+        pipe = r.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        kinds = pipe.execute()
+        pipe = r.pipeline(transaction=False)  # two round trips, however many keys the events and audit log add
+        for key, kind in zip(keys, kinds, strict=True):
             if kind == "hash":
-                out.append((key, tuple(sorted(r.hgetall(key).items()))))
+                pipe.hgetall(key)
             elif kind == "zset":
-                out.append((key, tuple(r.zrange(key, 0, -1, withscores=True))))
+                pipe.zrange(key, 0, -1, withscores=True)
             else:
-                out.append((key, r.get(key)))
-        return tuple(out)
+                pipe.get(key)
+        values = pipe.execute()
+        return tuple(
+            (
+                key,
+                tuple(sorted(v.items()))
+                if kind == "hash"
+                else tuple(m for m in v if m[0][:2] != "__")
+                if kind == "zset"
+                else v,
+            )
+            for key, kind, v in zip(keys, kinds, values, strict=True)
+        )
 
     def changes(self) -> Any:
         return self.raw()

@@ -1,5 +1,6 @@
-"""Observability over real parts: a SQLite ledger on the test's clock, the app on the shared loopback server (every
-response checked against the official schemas when ../shared/spec is present), and a real webhook receiver."""
+"""Observability over real parts: a ledger on the test's clock (on SQLite, Redis and Redis Cluster), the app on the
+shared loopback server (every response checked against the official schemas when ../shared/spec is present), and a
+real webhook receiver."""
 
 from __future__ import annotations
 
@@ -57,9 +58,24 @@ class Served:
         return c
 
 
+STORES = ["sqlite", "redis", "redis-cluster"]
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The store the outbox, audit log and webhooks are kept in: every test of them runs on each (a module about
+    something else, such as the page or the spans, pins "sqlite" by overriding this fixture)."""
+    return request.param
+
+
 @pytest.fixture
-def ledger(tmp_path: Path, clock: Any) -> Iterator[Ledger]:
-    store = SQLiteStore(tmp_path / "cycles.db")
+def ledger(request: pytest.FixtureRequest, tmp_path: Path, clock: Any, store_kind: str) -> Iterator[Ledger]:
+    if store_kind == "sqlite":
+        store: Any = SQLiteStore(tmp_path / "cycles.db")
+    else:
+        from cycles.ledger.redis import open_redis
+
+        store = open_redis(request.getfixturevalue("redis_url" if store_kind == "redis" else "redis_cluster_url"))
     yield Ledger(store, clock=clock)
     store.close()
 

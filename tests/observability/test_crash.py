@@ -1,8 +1,9 @@
 """A real `cycles serve` killed with SIGKILL between claiming a webhook delivery and sending it: after a restart the
-delivery arrives (at least once, never zero), because a claim is a lease in the store, not a pop."""
+delivery arrives (at least once, never zero), because a claim is a lease in the store, not a pop (SQLite and Redis)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from ..interop._server import CyclesServe
 from .conftest import USD, usd
@@ -26,14 +28,24 @@ def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-unt
         time.sleep(0.05)
 
 
-def deliveries(db: str) -> list[tuple[str, int, int]]:
-    with sqlite3.connect(db) as c:
+def deliveries(server: CyclesServe) -> list[tuple[str, int, int]]:
+    """(status, lease_until_ms, attempts) of every delivery, read straight from the store's SQLite file or Redis."""
+    if server.store.startswith("redis"):
+        r = redis.Redis.from_url(server.store, decode_responses=True)
+        try:
+            found = [json.loads(r.hget(k, "d")) for k in r.scan_iter("{t:*}:d:*")]
+        finally:
+            r.close()
+        return [(d["status"], d["lease_until_ms"], d["attempts"]) for d in found]
+    with sqlite3.connect(server.db) as c:
         return c.execute("SELECT status, lease_until_ms, json_extract(body, '$.attempts') FROM deliveries").fetchall()
 
 
-def test_a_delivery_survives_kill_9_between_claim_and_send(tmp_path, receiver, monkeypatch):
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_delivery_survives_kill_9_between_claim_and_send(tmp_path, receiver, monkeypatch, request, kind):
+    store = request.getfixturevalue("redis_url") if kind == "redis" else None
     monkeypatch.setenv("CYCLES_WEBHOOK_STALL_AFTER_CLAIM", "300")  # the test-only hook: hold after claiming
-    server = CyclesServe(tmp_path, sweep_interval=0, extra_args=ARGS).start()
+    server = CyclesServe(tmp_path, sweep_interval=0, extra_args=ARGS, store=store).start()
     try:
         with httpx.Client(base_url=server.url, headers={"X-Admin-API-Key": server.admin_key}) as admin:
             admin.post("/v1/admin/tenants", json={"tenant_id": "acme", "name": "Acme"}).raise_for_status()
@@ -47,7 +59,7 @@ def test_a_delivery_survives_kill_9_between_claim_and_send(tmp_path, receiver, m
                 "event_id"
             ]
         wait_until(lambda: "holding 1 claimed deliveries" in server.log)
-        ((status, lease, attempts),) = deliveries(str(server.db))
+        ((status, lease, attempts),) = deliveries(server)
         assert status == "PENDING" and lease > 0 and attempts == 0  # claimed, not sent
         os.killpg(server.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
         server.proc.wait(10)  # type: ignore[union-attr]
@@ -56,9 +68,9 @@ def test_a_delivery_survives_kill_9_between_claim_and_send(tmp_path, receiver, m
     assert receiver.deliveries == []
 
     monkeypatch.delenv("CYCLES_WEBHOOK_STALL_AFTER_CLAIM")
-    with CyclesServe(tmp_path, sweep_interval=0, extra_args=ARGS) as restarted:
+    with CyclesServe(tmp_path, sweep_interval=0, extra_args=ARGS, store=store) as restarted:
         got = receiver.wait_for(1, timeout=30)
         assert len(got) >= 1  # at least once: never zero
         assert all(d.headers["x-cycles-event-id"] == event_id for d in got)
         assert receiver.signed(secret) == got
-        wait_until(lambda: deliveries(str(restarted.db))[0][0] == "SUCCESS")
+        wait_until(lambda: deliveries(restarted)[0][0] == "SUCCESS")

@@ -29,6 +29,11 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)  # fmt: skip
 
 
+@pytest.fixture
+def store_kind() -> str:
+    return "sqlite"  # one browser run: the page reads the store through the same listings on every store
+
+
 class Cells(HTMLParser):
     """Rows of the page's tables: balances by (scope, unit) -> {column: data-amount}, events as data-event-id."""
 

@@ -35,8 +35,10 @@ runs again. Under contention a store takes the slot's *turn* (`take_turn`: a sho
 that slot checks), so that two busy processes take turns instead of failing each other forever.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
-first): each tenant's writes then commit in their own slot's script, and only the outcome of the operation's own
-tenant (the last one written) decides; expiring a hold twice is impossible and expiring it later harmless.
+first): each tenant's writes then commit in their own slot's script, the operation's own tenant (the last
+one written) last, and only its outcome decides; expiring a hold twice is impossible and expiring it later
+harmless. Events and audit entries a change writes in another slot (a pseudo-tenant's) commit right after it,
+only if it did (`_plan`).
 
 Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it only compares
 versions and stores text. Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
@@ -66,14 +68,20 @@ from pydantic_core import from_json, to_json
 from ..errors import InvalidRequest, StoreUnavailable
 from .store import (
     ApiKeyRecord,
+    AuditFilter,
+    AuditRecord,
     BudgetRecord,
     Conflict,
+    DeliveryRecord,
     DuplicateKey,
+    EventFilter,
     EventRecord,
+    OutboxEvent,
     PolicyRecord,
     ReservationFilter,
     ReservationRecord,
     TenantRecord,
+    WebhookRecord,
 )
 
 try:
@@ -188,6 +196,7 @@ class RedisTransaction:
         self._inserted: set[str] = set()  # keys that must not exist yet (DuplicateKey otherwise)
         self._expired: set[str] = set()  # reservation ids this transaction took off a TTL index
         self._last_slot: str | None = None
+        self._changed_slots: set[str] = set()  # slots a change (not only an observability record) is written in
         self._versions: dict[str, str] = {}  # key -> the version its write gets
         self._datas: dict[str, str] = {}  # key -> the JSON its write stores
         batch = store.open_batch
@@ -233,20 +242,30 @@ class RedisTransaction:
                 objects[k] = None if data is None else make(from_json(data))
         return [objects[k] for k in keys]
 
-    def _put(self, key: str, value: Any, names: tuple[str, ...] | None) -> None:
+    def _put(self, key: str, value: Any, names: tuple[str, ...] | None, *, observed: bool = False) -> None:
         """Write a record (its fields `names`) or plain JSON data (names None) at commit."""
         self._writes.pop(key, None)  # re-inserted: the order of last writes picks the operation's own slot
         self._writes[key] = (value, names)
         self._objects[key] = value
-        self._last_slot = _slot_of(key)
+        self._wrote(key, observed)
 
-    def _zadd(self, key: str, score: int | str, member: str) -> None:
+    def _zadd(self, key: str, score: int | str, member: str, *, observed: bool = False) -> None:
         self._index.append(("Z", key, str(score), member))
-        self._last_slot = _slot_of(key)
+        self._wrote(key, observed)
 
     def _zrem(self, key: str, member: str) -> None:
         self._index.append(("X", key, member))
-        self._last_slot = _slot_of(key)
+        self._wrote(key, False)
+
+    def _wrote(self, key: str, observed: bool) -> None:
+        """An observability record (an event, audit entry, new delivery) never makes its slot the operation's
+        own: written in another slot than the change, it follows the change's commit (see `_plan`)."""
+        slot = _slot_of(key)
+        if not observed:
+            self._last_slot = slot
+            self._changed_slots.add(slot)
+        elif self._last_slot is None:
+            self._last_slot = slot
 
     def _pointer(self, pointer: str) -> str | None:
         """The tenant a write-once pointer names (cached: it never changes)."""
@@ -297,6 +316,8 @@ class RedisTransaction:
         with self._store.errors():
             (results,) = _send([plan], self._store)
         self._settle(plan, results)
+        if plan.followers:
+            _send_followers([plan], self._store)
 
     def _plan(self, check_only: bool) -> _Plan | None:
         """What commits (or only checks) this transaction, per slot; None when it needs nothing."""
@@ -307,9 +328,16 @@ class RedisTransaction:
             self._writes, self._index, self._pointers = {}, [], {}
         parts = self._parts()
         primary = self._last_slot if writing else None
+        followers: dict[str, _Part] = {}
         if writing:  # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
             parts = {slot: p for slot, p in parts.items() if p.ops or slot == primary}
-        return _Plan(self, parts, primary, writing)
+            # a slot holding only new observability records commits after the operation's own, and only once that
+            # did: an event or audit entry of another tenant's (or pseudo-tenant's) slot exists only if its change
+            # does (a crash in between loses it; it never invents one). Its records are new (random ids): written
+            # without a check.
+            for slot in [s for s in parts if s != primary and s not in self._changed_slots]:
+                followers[slot] = _Part([], parts.pop(slot).ops)
+        return _Plan(self, parts, primary, writing, followers=followers)
 
     def _settle(self, plan: _Plan, answers: dict[str, Any]) -> None:
         """Take the scripts' answers: remember what was written, or raise Conflict (DuplicateKey) with nothing done."""
@@ -622,6 +650,326 @@ class RedisTransaction:
             found += self._keys(t, [key_id])
         return found
 
+    # =================================================================================================================
+    # Observability: the outbox, the audit log, webhooks and their deliveries (the contract's issue-14 part).
+    #
+    #   {t:<tenant>}:o:<event id>    an outbox event        {t:<tenant>}:outbox   index: event ids by created_at_ms
+    #   {t:<tenant>}:a:<log id>      an audit entry         {t:<tenant>}:audit    index: log ids by created_at_ms
+    #   {t:<owner>}:webhooks         the owner's subscriptions, one record {subscription id: subscription}
+    #   {t:<owner>}:d:<delivery id>  a delivery             {t:<owner>}:dl:<subscription id>  index: by created_at_ms
+    #                                                       {t:<owner>}:due       index: PENDING/RETRYING ids by the
+    #                                                                             time they may next be claimed
+    # Events and audit entries live with their tenant (the pseudo-tenants "__system__" and "__admin__" too),
+    # subscriptions and their deliveries with the subscription's owner. Pointers: cycles:evid:<event id> and
+    # cycles:wid:<subscription id> name the tenant. Events and audit entries never change once written: they are read
+    # without a version check (a cache hit is always right), and written in another slot than their change, they
+    # follow its commit (see `_plan`). Listings walk the indexes a chunk at a time and filter here, bounded by the page
+    # (sorting events by anything but time reads the tenant's events in the time window); cross-tenant listings and
+    # claims walk the tenant index.
+    # =================================================================================================================
+    def _immutable(self, keys: Sequence[str], make: Any) -> list[Any]:
+        """Write-once records (None where absent), without a version check: present, they are what they will stay."""
+        cache = self._store.cache
+        pending = {k: self._writes[k][0] for k in keys if k in self._writes}  # written by this transaction
+        missing = [k for k in keys if k not in pending and (k not in cache or cache[k][1] is None)]
+        if missing:
+            with self._store.errors():
+                pipe = self._r.pipeline(transaction=False)
+                for k in missing:
+                    pipe.hmget(k, "v", "d")
+                for k, (v, d) in zip(missing, pipe.execute(), strict=True):
+                    if d is not None:
+                        cache[k] = (v, d)
+        out = []
+        for k in keys:
+            if k in pending:
+                out.append(pending[k])
+            else:
+                data = cache.get(k, (None, None))[1]
+                out.append(None if data is None else make(from_json(data)))
+        return out
+
+    def _walk(
+        self,
+        index: str,
+        prefix: str,
+        make: Any,
+        window: tuple[int | None, int | None],
+        descending: bool,
+        after: tuple[Any, str] | None,
+        limit: int | None,
+        match: Callable[[Any], bool],
+        *,
+        immutable: bool = True,
+    ) -> list[Any]:
+        """Up to `limit` (None: all) matching records of a sorted-set index, in (score, id) order from `after`."""
+        low, high = window
+        if after is not None:
+            if descending:
+                high = after[0] if high is None else min(high, after[0])
+            else:
+                low = after[0] if low is None else max(low, after[0])
+        lo, hi = ("-inf" if low is None else low), ("+inf" if high is None else high)
+        chunk = 100 if limit is None else max(limit, 20)
+        found: list[Any] = []
+        offset = 0
+        while limit is None or len(found) < limit:
+            with self._store.errors():
+                if descending:
+                    rows = self._r.zrevrangebyscore(index, hi, lo, start=offset, num=chunk, withscores=True)
+                else:
+                    rows = self._r.zrangebyscore(index, lo, hi, start=offset, num=chunk, withscores=True)
+            fetched = len(rows)
+            offset += fetched
+            if after is not None:
+                position = (after[0], after[1])
+                rows = [(m, s) for m, s in rows if ((int(s), m) < position if descending else (int(s), m) > position)]
+            keys = [prefix + m for m, _s in rows]
+            records = self._immutable(keys, make) if immutable else self._load(keys, make)
+            found += [r for r in records if r is not None and match(r)]
+            if fetched < chunk:  # the index ends here
+                break
+        return found if limit is None else found[:limit]
+
+    def _tenants_for(self, tenant_id: str | None) -> list[str]:
+        return [tenant_id] if tenant_id is not None else self._all_tenants()
+
+    # ----------------------------------------------------------------------------------------------------- outbox
+    def add_event(self, e: OutboxEvent) -> None:
+        t = tag(e.tenant_id)
+        self._put(f"{t}:o:{e.event_id}", e, _OUTBOX, observed=True)
+        self._zadd(f"{t}:outbox", e.created_at_ms, e.event_id, observed=True)
+        self._set_pointer("cycles:evid:" + e.event_id, e.tenant_id)
+
+    def get_event(self, event_id: str) -> OutboxEvent | None:
+        tenant = self._pointer("cycles:evid:" + event_id)
+        if tenant is None:
+            return None
+        return self._immutable([f"{tag(tenant)}:o:{event_id}"], lambda d: OutboxEvent(**d))[0]
+
+    def list_events(
+        self, flt: EventFilter, sort_by: str, descending: bool, after: tuple[Any, str] | None, limit: int
+    ) -> list[OutboxEvent]:
+        def match(e: OutboxEvent) -> bool:
+            return all(
+                wanted is None or getattr(e, name) == wanted
+                for name, wanted in (
+                    ("tenant_id", flt.tenant_id), ("event_type", flt.event_type), ("category", flt.category),
+                    ("scope", flt.scope), ("correlation_id", flt.correlation_id), ("request_id", flt.request_id),
+                    ("trace_id", flt.trace_id),
+                )
+            )  # fmt: skip
+
+        by_time = sort_by == "created_at_ms"
+        rows: list[OutboxEvent] = []
+        for tenant in self._tenants_for(flt.tenant_id):
+            t = tag(tenant)
+            rows += self._walk(f"{t}:outbox", f"{t}:o:", lambda d: OutboxEvent(**d), flt.created, descending,
+                               after if by_time else None, limit if by_time else None, match)  # fmt: skip
+
+        def position(e: OutboxEvent) -> tuple[Any, str]:
+            value = e.category if sort_by == "category" else getattr(e, sort_by)
+            return (value if value is not None else ""), e.event_id  # SQLite's COALESCE(column, '')
+
+        rows.sort(key=position, reverse=descending)
+        if after is not None and not by_time:
+            start = (after[0] if after[0] is not None else "", after[1])
+            rows = [e for e in rows if (position(e) < start if descending else position(e) > start)]
+        return rows[:limit]
+
+    # ------------------------------------------------------------------------------------------------------ audit
+    def add_audit(self, a: AuditRecord) -> None:
+        t = tag(a.tenant_id)
+        self._put(f"{t}:a:{a.log_id}", a, _AUDIT, observed=True)
+        self._zadd(f"{t}:audit", a.created_at_ms, a.log_id, observed=True)
+
+    def list_audit(
+        self, flt: AuditFilter, descending: bool, after: tuple[int, str] | None, limit: int
+    ) -> list[AuditRecord]:
+        low, high = flt.status
+
+        def match(a: AuditRecord) -> bool:
+            return (
+                (flt.key_id is None or a.key_id == flt.key_id)
+                and (flt.resource_id is None or a.resource_id == flt.resource_id)
+                and (not flt.operations or a.operation in flt.operations)
+                and (not flt.resource_types or a.resource_type in flt.resource_types)
+                and (low is None or a.status >= low)
+                and (high is None or a.status <= high)
+            )
+
+        rows: list[AuditRecord] = []
+        for tenant in self._tenants_for(flt.tenant_id):
+            t = tag(tenant)
+            rows += self._walk(f"{t}:audit", f"{t}:a:", lambda d: AuditRecord(**d), flt.created, descending, after,
+                               limit, match)  # fmt: skip
+        rows.sort(key=lambda a: (a.created_at_ms, a.log_id), reverse=descending)
+        return rows[:limit]
+
+    # --------------------------------------------------------------------------------------------------- webhooks
+    def _webhooks(self, owner: str) -> dict[str, WebhookRecord]:
+        """The owner's subscriptions by id: one record, read (and checked) like any other."""
+        key = tag(owner) + ":webhooks"
+        if key not in self._objects:
+            (data,) = self._get([key])
+            found = {} if data is None else {i: WebhookRecord(**w) for i, w in from_json(data).items()}
+            self._objects[key] = found
+            for sid in found:
+                self._store.remember_pointer("cycles:wid:" + sid, owner)
+        return self._objects[key]
+
+    def _save_webhooks(self, owner: str, found: dict[str, WebhookRecord]) -> None:
+        self._put(tag(owner) + ":webhooks", found, None)  # serialized at commit, as changed until then
+
+    def put_webhook(self, w: WebhookRecord) -> None:
+        found = self._webhooks(w.tenant_id)
+        found[w.subscription_id] = w
+        self._save_webhooks(w.tenant_id, found)
+        self._set_pointer("cycles:wid:" + w.subscription_id, w.tenant_id)
+
+    def get_webhook(self, subscription_id: str) -> WebhookRecord | None:
+        owner = self._pointer("cycles:wid:" + subscription_id)
+        return None if owner is None else self._webhooks(owner).get(subscription_id)
+
+    def delete_webhook(self, subscription_id: str) -> None:
+        owner = self._pointer("cycles:wid:" + subscription_id)
+        if owner is None:
+            return
+        found = self._webhooks(owner)
+        if found.pop(subscription_id, None) is not None:
+            self._save_webhooks(owner, found)
+        for d in self._due(owner, "+inf", None):  # what was still to send is given up
+            if d.subscription_id == subscription_id:
+                d.status = "FAILED"
+                self.put_delivery(d)
+
+    def list_webhooks(self, tenant_id: str | None, after: str | None, limit: int) -> list[WebhookRecord]:
+        rows = [w for t in self._tenants_for(tenant_id) for w in self._webhooks(t).values()]
+        rows = sorted((w for w in rows if after is None or w.subscription_id > after), key=lambda w: w.subscription_id)
+        return rows[:limit]
+
+    def webhooks_for(self, tenant_id: str) -> list[WebhookRecord]:
+        """Read fresh from Redis and not checked at commit (unless this transaction wrote them): a subscription that
+        settles a delivery meanwhile must not make every operation that emits an event run again."""
+        owners = list(dict.fromkeys((tenant_id, SYSTEM_TENANT)))
+        keys = [tag(o) + ":webhooks" for o in owners]
+        memo = self._objects.setdefault("observability:webhooks_for", {})
+        unread = [k for k in keys if k not in self._objects and k not in memo]
+        if unread:
+            with self._store.errors():
+                pipe = self._r.pipeline(transaction=False)
+                for k in unread:
+                    pipe.hget(k, "d")
+                for k, data in zip(unread, pipe.execute(), strict=True):
+                    memo[k] = {} if data is None else {i: WebhookRecord(**w) for i, w in from_json(data).items()}
+        found = []
+        for owner, k in zip(owners, keys, strict=True):
+            subs = self._objects[k] if k in self._objects else memo[k]
+            for sid, w in subs.items():
+                self._store.remember_pointer("cycles:wid:" + sid, owner)
+                if w.status == "ACTIVE":
+                    found.append(w)
+        return found
+
+    # ------------------------------------------------------------------------------------------------- deliveries
+    def _owner(self, subscription_id: str) -> str:
+        owner = self._pointer("cycles:wid:" + subscription_id)
+        if owner is None:
+            raise InvalidRequest(f"webhook subscription {subscription_id!r} not found")
+        return owner
+
+    def put_delivery(self, d: DeliveryRecord) -> None:
+        t = tag(self._owner(d.subscription_id))
+        key = f"{t}:d:{d.delivery_id}"
+        # a delivery just queued (events.queue_delivery) is new; any other was claimed, settled or given up before
+        new = (d.status == "PENDING" and d.attempts == 0 and d.lease_until_ms == 0 and d.attempted_at_ms is None
+               and d.next_attempt_at_ms == d.created_at_ms and key not in self._read)  # fmt: skip
+        if new:
+            self._put(key, d, _DELIVERY, observed=True)
+            self._zadd(f"{t}:dl:{d.subscription_id}", d.created_at_ms, d.delivery_id, observed=True)
+            self._zadd(f"{t}:due", d.next_attempt_at_ms, d.delivery_id, observed=True)
+            return
+        if key not in self._read:
+            self._get([key])  # its version: the commit checks nobody changed it meanwhile
+        self._put(key, d, _DELIVERY)
+        if d.status in ("PENDING", "RETRYING"):
+            self._zadd(f"{t}:due", max(d.next_attempt_at_ms, d.lease_until_ms), d.delivery_id)
+        else:
+            self._zrem(f"{t}:due", d.delivery_id)
+
+    def _due(self, owner: str, until: int | str, limit: int | None) -> list[DeliveryRecord]:
+        """The owner's PENDING / RETRYING deliveries claimable by `until` (read and checked)."""
+        t = tag(owner)
+        with self._store.errors():
+            ids = self._r.zrangebyscore(f"{t}:due", "-inf", until, start=0 if limit else None, num=limit)
+        found = self._load([f"{t}:d:{i}" for i in ids], lambda d: DeliveryRecord(**d))
+        return [d for d in found if d is not None and d.status in ("PENDING", "RETRYING")]
+
+    def claim_deliveries(self, now_ms: int, lease_ms: int, limit: int) -> list[DeliveryRecord]:
+        """The oldest claimable deliveries of every owner (two pipelined reads, only to choose), then one transaction
+        per owner leasing its share, committed at once in its own slot (a lease, never a pop; never one script
+        across slots)."""
+        owners = self._all_tenants()
+        with self._store.errors():
+            pipe = self._r.pipeline(transaction=False)
+            for owner in owners:
+                pipe.zrangebyscore(f"{tag(owner)}:due", "-inf", now_ms, start=0, num=limit)
+            candidates = [(o, i) for o, ids in zip(owners, pipe.execute(), strict=True) for i in ids]
+            pipe = self._r.pipeline(transaction=False)
+            for owner, i in candidates:
+                pipe.hget(f"{tag(owner)}:d:{i}", "d")
+            datas = pipe.execute()
+        due = []
+        for (owner, _i), data in zip(candidates, datas, strict=True):
+            if data is not None:
+                d = DeliveryRecord(**from_json(data))
+                due.append(((d.next_attempt_at_ms, d.created_at_ms, d.delivery_id), owner))
+        shares: dict[str, list[str]] = {}
+        for (_at, _created, i), owner in sorted(due)[:limit]:
+            shares.setdefault(owner, []).append(i)
+        claimed: list[DeliveryRecord] = []
+        for owner, ids in shares.items():
+            claimed += _claim_share(self._store, owner, ids, now_ms, lease_ms)
+        claimed.sort(key=lambda d: (d.next_attempt_at_ms, d.created_at_ms, d.delivery_id))
+        return claimed
+
+    def list_deliveries(
+        self, subscription_id: str, status: str | None, after: tuple[int, str] | None, limit: int
+    ) -> list[DeliveryRecord]:
+        owner = self._pointer("cycles:wid:" + subscription_id)
+        if owner is None:
+            return []
+        t = tag(owner)
+        return self._walk(f"{t}:dl:{subscription_id}", f"{t}:d:", lambda d: DeliveryRecord(**d), (None, None), True,
+                          after, limit, lambda d: status is None or d.status == status, immutable=False)  # fmt: skip
+
+
+def _claim_share(store: RedisStore, owner: str, ids: list[str], now_ms: int, lease_ms: int) -> list[DeliveryRecord]:
+    """Lease those of `ids` still claimable, in one transaction of the owner's slot, committed now: run again on a
+    Conflict (another worker claimed or settled one meanwhile); a share that keeps conflicting waits for next time."""
+    t = tag(owner)
+    for _attempt in range(5):
+        tx = RedisTransaction(store)
+        tx._batch = None  # committed on its own, inside whatever transaction asked for the claim
+        found = tx._load([f"{t}:d:{i}" for i in ids], lambda d: DeliveryRecord(**d))
+        mine = [d for d in found if d is not None and d.status in ("PENDING", "RETRYING")
+                and d.next_attempt_at_ms <= now_ms and d.lease_until_ms <= now_ms]  # fmt: skip
+        for d in mine:
+            d.lease_until_ms = now_ms + lease_ms
+            tx.put_delivery(d)
+        tx._webhooks(owner)  # checked with the claim: the caller reads the subscriptions next, current in the cache
+        try:
+            tx._commit(check_only=False)
+        except Conflict:
+            continue
+        return mine
+    return []
+
+
+SYSTEM_TENANT = "__system__"  # events.SYSTEM_TENANT: its subscriptions receive every tenant's events
+_OUTBOX, _AUDIT, _DELIVERY = map(_fields, (OutboxEvent, AuditRecord, DeliveryRecord))
+# ===================================================================================================== observability
+
 
 @dataclasses.dataclass(slots=True)
 class _Part:
@@ -638,6 +986,7 @@ class _Plan:
     primary: str | None  # the slot whose outcome is the transaction's (None: every slot's)
     writing: bool
     contended: list[str] = dataclasses.field(default_factory=list)  # slots where its scripts met changes
+    followers: dict[str, _Part] = dataclasses.field(default_factory=dict)  # sent once `parts` committed
 
 
 def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
@@ -700,6 +1049,26 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
     return answers
 
 
+def _send_followers(plans: list[_Plan], store: RedisStore) -> None:
+    """The follower slots of committed plans (new records only, see `_plan`): nothing to conflict with but another
+    store's turn of a slot, which lapses by itself: wait it out, bounded."""
+    pending = [_Plan(plan.tx, plan.followers, None, True) for plan in plans]
+    for plan in pending:
+        plan.tx._pointers = {}  # set with the change
+    for _attempt in range(20):
+        with store.errors():
+            answers = _send(pending, store)
+        pending = [
+            _Plan(plan.tx, {slot: plan.parts[slot] for slot, answer in answer_by_slot.items() if answer}, None, True)
+            for plan, answer_by_slot in zip(pending, answers, strict=True)
+        ]
+        pending = [plan for plan in pending if plan.parts]
+        if not pending:
+            return
+        time.sleep(random.uniform(0.005, 0.02))
+    raise StoreUnavailable("observability records could not be written: a Redis slot stayed busy")
+
+
 class _Batch:
     """`with store.batch() as batch:` the transactions this thread runs inside are sent together at the end, one
     round trip for all. A transaction reads what earlier ones of the batch wrote (`overlay`, with the versions their
@@ -729,12 +1098,17 @@ class _Batch:
         plans = [plan for _work, plan in self.plans]
         with self.store.errors():
             answers = _send(plans, self.store)
+        committed = []
         for (work, plan), results in zip(self.plans, answers, strict=True):
             try:
                 plan.tx._settle(plan, results)
+                if plan.followers:
+                    committed.append(plan)
             except Conflict:
                 self.failed.add(work)
                 self.contended.update(plan.contended)
+        if committed:
+            _send_followers(committed, self.store)
         if self.contended:  # contended here: for a moment, take these slots' turn before each batch
             until = time.monotonic() + HOT_S
             self.store.hot.update(dict.fromkeys(self.contended, until))

@@ -10,6 +10,7 @@ unless the server allows them (`allow_private`): a webhook must not become a way
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import secrets
 import socket
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import Forbidden, InvalidRequest, NotFound
 from . import events
 from .rules import decode_cursor, encode_cursor, iso, new_id, parse
-from .store import DeliveryRecord, OutboxEvent, Transaction, WebhookRecord
+from .store import DeliveryRecord, OutboxEvent, Transaction, WebhookRecord, retrying_methods
 
 if TYPE_CHECKING:
     from .rules import Ledger
@@ -145,6 +146,7 @@ def delivery_body(d: DeliveryRecord) -> dict[str, Any]:
     return body
 
 
+@retrying_methods  # each public method is one operation, run again on a store.Conflict (an optimistic store)
 class Webhooks:
     """`tenant` on a call is the authenticated tenant (a tenant key: its own subscriptions only); None is the admin,
     which names the owner with `tenant_id` (omitted: `__system__`)."""
@@ -367,7 +369,7 @@ class Webhooks:
         (the subscription is paused or disabled), try again that much later."""
         with self.ledger.store.transaction() as tx:
             now = self.ledger._now(tx)
-            d = delivery  # leased to this worker: nobody else wrote it meanwhile
+            d = dataclasses.replace(delivery)  # leased to this worker; a copy, should the operation run again
             w = tx.get_webhook(d.subscription_id)
             d.lease_until_ms = 0
             if hold_ms:

@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, Response
 from ..amounts import format_amount
 from ..ledger import Ledger
 from ..ledger.events import event_body, keeps_events
-from ..ledger.store import BudgetRecord, EventFilter, OutboxEvent
+from ..ledger.store import BudgetRecord, EventFilter, OutboxEvent, retrying
 from .auth import Authenticator
 
 MAX_BUDGETS = 1000
@@ -60,6 +60,7 @@ class Dashboard:
         budgets, recent, now = await run_in_threadpool(self._read)
         return HTMLResponse(render(budgets, recent, now))
 
+    @retrying  # an optimistic store (Redis) may find what it read changed meanwhile: read again
     def _read(self) -> tuple[list[BudgetRecord], list[OutboxEvent], int]:
         with self.ledger.begin() as (tx, now):  # reads sweep first: no expired hold shows as reserved
             budgets = tx.list_budgets(limit=MAX_BUDGETS)
