@@ -26,6 +26,7 @@ from cycles_openai import guard
 from ledger import Bare
 
 import cycles
+from cycles.calls import ModelCall
 
 TARGET_FLOOR_RATIO = 2.0
 MODEL = "gpt-4o-mini"
@@ -102,6 +103,15 @@ def measure(calls: int) -> dict[str, tuple[float, float]]:
 
         return go
 
+    settings = guarded.cycles
+
+    def core() -> Any:  # the same reservation made with the core primitive directly around the plain client
+        call = ModelCall(client, MODEL, prompt=MESSAGES, pricing=settings.pricing, subject=settings.subject).begin()
+        answer = plain.chat.completions.create(model=MODEL, messages=MESSAGES)
+        call.output("", answer.usage)
+        call.finish()
+        return answer
+
     def keep(samples: dict[str, Samples], prefix: str = "") -> None:
         for name, s in samples.items():
             rounds[prefix + name].append(p50(s))
@@ -109,7 +119,7 @@ def measure(calls: int) -> dict[str, tuple[float, float]]:
     for i in range(ROUNDS + 1):
         warm_up = i == 0  # the first round only warms up
         n = 200 if warm_up else per_round
-        together = timed({"bare": call(plain), "guarded": call(guarded), "sql": lambda: sql.pairs(1)}, n)
+        together = timed({"bare": call(plain), "guarded": call(guarded), "core": core, "sql": lambda: sql.pairs(1)}, n)
         streamed = timed({"bare": stream(plain), "guarded": stream(guarded)}, max(1, n // 2))
         with cycles.run(limit=cycles.usd(10**5), client=client, workspace="w", agent="a"):
             in_run = timed({"bare": call(plain), "guarded": call(guarded)}, n)
@@ -151,7 +161,10 @@ def main() -> None:
     lines += [
         "",
         f"Floor, measured in the same rounds: the SQLite statements of one reserve and one commit with no Python "
-        f"around them (benchmarks/ledger.py's bare pair, :memory:): **{floor:.0f} µs**.",
+        f"around them (benchmarks/ledger.py's bare pair, :memory:): **{floor:.0f} µs**. Of the create row's added "
+        f"time, the integration's own share (guarded minus the same `cycles.calls.ModelCall` made directly around the "
+        f"plain client): **{m['guarded'][0] - m['core'][0]:.0f} µs** wall, {m['guarded'][1] - m['core'][1]:.0f} µs CPU; "
+        "the rest is the core's pricing, reserve and commit.",
         "",
         "The same `openai.OpenAI` / `AsyncOpenAI` client over an in-process `httpx2.MockTransport` that answers a "
         "real-shaped chat completion (or SSE stream) at once, plain and guarded (`cycles_openai.guard`), 3 budgeted "
