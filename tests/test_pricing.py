@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from cycles import usd
 from cycles.pricing import ModelPrice, Pricing, TokenUsage, UnknownModelPrice, normalize_usage
 
 
@@ -38,6 +39,13 @@ def test_overrides_win_and_accept_pairs_and_mappings():
     assert pricing.cost("my-ft", TokenUsage(1_000_000, 0)).amount == 300_000_000
     pricing.set_price("late", ModelPrice(Decimal(1), Decimal(1)))
     assert pricing.cost("late", TokenUsage(0, 1_000_000)).amount == 100_000_000
+
+
+def test_catalog_models_outside_the_name_patterns_are_priced_too():
+    # genai-prices' provider inference misses embedding models; the catalog still lists them
+    pricing = Pricing()
+    assert pricing.price("text-embedding-3-small").input_per_mtok == Decimal("0.02")
+    assert pricing.estimate("text-embedding-3-small", prompt_tokens=1_000_000, max_output_tokens=0) == usd(0.02)
 
 
 def test_unknown_model_needs_a_fallback():

@@ -1,7 +1,7 @@
 """`guard_embedding`: an embedding model whose every provider call is reserved.
 
-    pricing = cycles.pricing.Pricing({"text-embedding-3-small": (0.02, 0)})      # $ per million input tokens
-    Settings.embed_model = guard_embedding(OpenAIEmbedding(), pricing=pricing)
+    Settings.embed_model = guard_embedding(OpenAIEmbedding())      # priced from the catalog (genai-prices)
+    guard_embedding(MyEmbedding(), pricing=cycles.pricing.Pricing({"my-embed": (0.02, 0)}))   # $ per million tokens
 
 LlamaIndex's EMBEDDING start event carries no texts, so a callback handler cannot price it; this wrapper sits
 where the texts are. Each provider call (a query, a text, or one batch of `embed_batch_size` texts while an index is

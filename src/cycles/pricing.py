@@ -121,12 +121,23 @@ def _catalog_price(model: str, provider: str | None) -> ModelPrice | None:
     try:
         found = calc_price(Usage(input_tokens=1, output_tokens=1), model, provider_id=provider)
     except LookupError:
-        return None
+        # genai-prices infers a provider from name patterns that miss some of its own models (embeddings such as
+        # text-embedding-3-small): take the first provider that lists the exact model
+        owner = None if provider is not None else _provider_listing(model)
+        if owner is None:
+            return None
+        return _catalog_price(model, owner)
     price = found.model_price
     fields = (price.input_mtok, price.output_mtok, price.cache_read_mtok, price.cache_write_mtok)
     if not all(v is None or isinstance(v, Decimal) for v in fields) or price.input_mtok is None:
         return None  # tiered prices (by context length) are not flat: leave them to an override
     return ModelPrice(price.input_mtok, price.output_mtok or Decimal(0), price.cache_read_mtok, price.cache_write_mtok)
+
+
+def _provider_listing(model: str) -> str | None:
+    from genai_prices import data_snapshot
+
+    return next((p.id for p in data_snapshot.get_snapshot().providers if p.find_model(model)), None)
 
 
 class Pricing:

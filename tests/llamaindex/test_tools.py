@@ -167,7 +167,7 @@ def test_model_call_inside_a_guarded_tool_draws_from_its_hold(funded: cycles.Cli
 
 # ------------------------------------------------------------------------------------------- guard_embedding
 
-EMBED_PRICING = Pricing({EMBEDDING_MODEL: (0.02, 0)})  # $0.02 per million input tokens
+EMBED_PRICING = Pricing({EMBEDDING_MODEL: (0.02, 0)})  # $0.02 per million input tokens: the catalog's price too
 
 
 def embed_cost(tokens: int) -> int:
@@ -179,7 +179,7 @@ DOCS = [Document(text=t) for t in ("Budgets bound agents.", "Reserve before a ca
 
 def test_index_build_and_query_are_reserved_and_committed_at_the_reported_tokens(funded: cycles.Client) -> None:
     model = CountingEmbedding(embed_dim=8)
-    embed = guard_embedding(model, client=funded, pricing=EMBED_PRICING, tokens=model.tokens, agent="bot")
+    embed = guard_embedding(model, client=funded, tokens=model.tokens, agent="bot")  # priced from the catalog
     index = VectorStoreIndex.from_documents(DOCS, embed_model=embed)
     index.as_retriever(similarity_top_k=1).retrieve("what bounds agents?")
     reservations = funded.reservations()
