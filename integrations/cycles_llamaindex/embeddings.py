@@ -53,16 +53,13 @@ class GuardedEmbedding(BaseEmbedding):
     def _call(self, texts: list[str]) -> tuple[ModelCall, int]:
         model = self.model_name
         counted = self._pricing.count_tokens("\n".join(texts), model)
-        estimate = self._estimate
-        if estimate is None:
-            estimate = self._pricing.estimate(model, prompt_tokens=counted, max_output_tokens=0, unit=self._unit)
-        elif callable(estimate):
-            estimate = estimate(texts)
+        estimate = self._estimate(texts) if callable(self._estimate) else self._estimate
         call = ModelCall(
             self.client,
             model,
             prompt=texts,
-            max_output_tokens=0,
+            prompt_tokens=counted,
+            max_output_tokens=0,  # priced as its input alone
             estimate=estimate,
             pricing=self._pricing,
             unit=self._unit,

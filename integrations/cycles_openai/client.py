@@ -102,28 +102,21 @@ class Settings:
         model = str(body.get("model") or "unknown")
         prompt = prompt_of(route, body)
         key, max_out = max_tokens_of(route, body)
-        estimate = self.estimate
-        if estimate is None and self.unit in ("USD_MICROCENTS", "TOKENS"):
-            if kind == "llm.embedding":  # input tokens only (token ids count as they are)
-                tokens = token_inputs(prompt)
-                if tokens is not None:
-                    estimate = self.pricing.estimate(model, prompt_tokens=tokens, max_output_tokens=0, unit=self.unit)
-                else:
-                    estimate = self.pricing.estimate(model, prompt=prompt, max_output_tokens=0, unit=self.unit)
-            elif isinstance(n := body.get("n"), int) and n > 1:  # n completions, each up to the limit
-                out = (max_out or self.pricing.default_max_output_tokens) * n
-                estimate = self.pricing.estimate(model, prompt=prompt, max_output_tokens=out, unit=self.unit)
+        embedding = kind == "llm.embedding"
+        n = body.get("n")
         call = ModelCall(
             self.client,
             model,
             prompt=prompt,
             tools=body.get("tools"),
-            max_output_tokens=max_out,
-            estimate=estimate,
+            max_output_tokens=0 if embedding else max_out,  # an embedding is priced as its input alone
+            estimate=self.estimate,
             pricing=self.pricing,
             unit=self.unit,
             subject=self.subject,
             kind=kind,
+            prompt_tokens=token_inputs(prompt) if embedding else None,  # inputs given as token ids count as they are
+            choices=n if isinstance(n, int) and n > 1 else 1,
         )
         return call, key
 

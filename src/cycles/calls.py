@@ -159,15 +159,22 @@ def estimate_call(
     prompt: Any,
     tools: Any,
     max_out: int | None,
+    *,
+    prompt_tokens: int | None = None,
+    choices: int = 1,
 ) -> Amount:
     """A model call's estimate: `estimate` as given (an Amount, or `estimate(model, prompt, max_output_tokens)`),
-    else its prompt (and tool schemas, sent with every request) plus its max output tokens, priced."""
+    else its prompt (and tool schemas, sent with every request; or `prompt_tokens` when the caller knows them) plus
+    its max output tokens for each of its `choices` completions, priced."""
     if estimate is None:
-        text = prompt_text(prompt)
-        if tools:
-            text += "\n" + _tools_text(tools)
-        tokens = pricing.count_tokens(text, model)
-        return pricing.estimate(model, prompt_tokens=tokens, max_output_tokens=max_out, unit=unit)
+        if prompt_tokens is None:
+            text = prompt_text(prompt)
+            if tools:
+                text += "\n" + _tools_text(tools)
+            prompt_tokens = pricing.count_tokens(text, model)
+        if choices > 1:  # n completions, each up to the limit
+            max_out = (max_out if max_out is not None else pricing.default_max_output_tokens) * choices
+        return pricing.estimate(model, prompt_tokens=prompt_tokens, max_output_tokens=max_out, unit=unit)
     if callable(estimate):
         return estimate(model, prompt, max_out)
     return estimate
@@ -209,8 +216,10 @@ class ModelCall:
         estimate: an Amount, or `estimate(model, prompt, max_output_tokens) -> Amount`; default priced.
         pricing, unit: how the call is priced (USD_MICROCENTS, or TOKENS which needs no price).
         subject: explicit subject fields (the client adds its defaults and the ambient scope).
-        kind: the action kind (`llm.completion`, `llm.embedding`, ...).
+        kind: the action kind (`llm.completion`, `llm.embedding`: with `max_output_tokens=0`, input only, ...).
         idempotency_key, ttl_ms: as for `Reservation`.
+        prompt_tokens: the prompt's token count when the caller knows it (else counted from `prompt` and `tools`).
+        choices: how many completions the request asks for (each may produce up to the output limit).
     """
 
     __slots__ = (
@@ -241,6 +250,8 @@ class ModelCall:
         kind: str = "llm.completion",
         idempotency_key: str | None = None,
         ttl_ms: int | None = None,
+        prompt_tokens: int | None = None,
+        choices: int = 1,
     ) -> None:
         self.pricing = pricing = pricing or default_pricing()
         self.model = model
@@ -248,7 +259,17 @@ class ModelCall:
         self.requested_max_tokens = max_output_tokens
         self.reservation = Reservation(
             client,
-            estimate_call(pricing, estimate, unit, model, prompt, tools, max_output_tokens),
+            estimate_call(
+                pricing,
+                estimate,
+                unit,
+                model,
+                prompt,
+                tools,
+                max_output_tokens,
+                prompt_tokens=prompt_tokens,
+                choices=choices,
+            ),
             action=action(kind, model),
             subject=subject,
             idempotency_key=idempotency_key,

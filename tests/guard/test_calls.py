@@ -33,6 +33,22 @@ def test_the_estimate_is_the_prompt_plus_the_output_limit_priced(client):
     c.finish()
 
 
+def test_known_prompt_tokens_n_completions_and_input_only_calls(client):
+    def held(**kwargs) -> int:
+        c = call(client, **kwargs).begin()
+        c.finish(RuntimeError("not sent"))  # released: nothing produced
+        return c.estimate.amount
+
+    assert held(prompt_tokens=10) == 10 * IN + 50 * OUT  # not counted again
+    assert held(choices=3) == 100 * IN + 3 * 50 * OUT  # each completion up to the limit
+    assert held(choices=2, max_output_tokens=None) == 100 * IN + 2 * 1024 * OUT
+    embedding = call(client, kind="llm.embedding", max_output_tokens=0).begin()  # priced as its input alone
+    assert embedding.estimate.amount == 100 * IN
+    embedding.output(usage=TokenUsage(input_tokens=80))
+    embedding.finish()
+    assert_settled(client, 80 * IN)  # committed at the reported input tokens; the others released
+
+
 def test_success_commits_the_priced_usage_with_metrics(client):
     c = call(client).begin()
     c.output("hello", usage={"prompt_tokens": 90, "completion_tokens": 7})
