@@ -99,6 +99,7 @@ class WebhookWorker:
         self.batch = batch
         self.timeout = timeout
         self.sent = 0  # attempts made by this worker
+        # fault injection, for proving a delivery survives a worker killed between claim and send (the crash test)
         self.stall = float(os.environ.get("CYCLES_WEBHOOK_STALL_AFTER_CLAIM") or 0)
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
