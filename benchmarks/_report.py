@@ -60,6 +60,17 @@ def p50(samples: Samples) -> tuple[float, float]:
     return percentiles(samples.wall)["p50_us"], percentiles(samples.cpu)["p50_us"]
 
 
+def bench_client() -> Any:
+    """The embedded client every handler benchmark guards: :memory:, three budgeted levels (tenant, workspace w,
+    agent a), funded far beyond what a run spends."""
+    import cycles
+
+    client = cycles.Client(store="sqlite://:memory:", tenant="bench")
+    for scope in ("tenant:bench", "tenant:bench/workspace:w", "tenant:bench/workspace:w/agent:a"):
+        client.budgets.set(scope, cycles.usd(10**6))
+    return client
+
+
 def machine() -> str:
     import os
 

@@ -20,7 +20,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from _report import Samples, atimed, p50, record, timed
+from _report import Samples, atimed, bench_client, p50, record, timed
 from cycles_langchain import CyclesCallbackHandler
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -68,9 +68,7 @@ ROUNDS = 10
 def measure(calls: int) -> dict[str, tuple[float, float]]:
     """Per case, the median over ROUNDS rounds of each round's p50 (wall, CPU); within a round the cases are called
     in turn, call by call, so that drift and load spikes hit them alike."""
-    client = cycles.Client(store="sqlite://:memory:", tenant="bench")
-    for scope in ("tenant:bench", "tenant:bench/workspace:w", "tenant:bench/workspace:w/agent:a"):
-        client.budgets.set(scope, cycles.usd(10**6))
+    client = bench_client()
     prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "Tell me about {topic}.")])
     chain = prompt | FakeModel() | StrOutputParser()
     handler = CyclesCallbackHandler(client, workspace="w", agent="a")

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from _report import Samples, atimed, p50, record, timed
+from _report import Samples, atimed, bench_client, p50, record, timed
 from cycles_llamaindex import CyclesCallbackHandler
 from ledger import Bare
 from llama_index.core.callbacks import CallbackManager, CBEventType
@@ -102,9 +102,7 @@ ROUNDS = 10
 def measure(calls: int) -> dict[str, tuple[float, float]]:
     """Per case, the median over ROUNDS rounds of each round's p50 (wall, CPU); within a round the cases are called
     in turn, call by call, so that drift and load spikes hit them alike."""
-    client = cycles.Client(store="sqlite://:memory:", tenant="bench")
-    for scope in ("tenant:bench", "tenant:bench/workspace:w", "tenant:bench/workspace:w/agent:a"):
-        client.budgets.set(scope, cycles.usd(10**6))
+    client = bench_client()
     handler = CyclesCallbackHandler(client, workspace="w", agent="a")
     plain = FakeLLM(callback_manager=CallbackManager([]))
     guarded_llm = FakeLLM(callback_manager=CallbackManager([handler]))

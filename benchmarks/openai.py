@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx2
 import openai
-from _report import Samples, atimed, p50, record, timed
+from _report import Samples, atimed, bench_client, p50, record, timed
 from cycles_openai import guard
 from ledger import Bare
 
@@ -72,9 +72,7 @@ ROUNDS = 10
 
 def measure(calls: int) -> dict[str, tuple[float, float]]:
     """Per case, the median over ROUNDS rounds of each round's p50 (wall, CPU)."""
-    client = cycles.Client(store="sqlite://:memory:", tenant="bench")
-    for scope in ("tenant:bench", "tenant:bench/workspace:w", "tenant:bench/workspace:w/agent:a"):
-        client.budgets.set(scope, cycles.usd(10**6))
+    client = bench_client()
     plain = openai.OpenAI(api_key="sk-bench", http_client=httpx2.Client(transport=httpx2.MockTransport(provider)))
     guarded = guard(plain, client, workspace="w", agent="a")
     aplain = openai.AsyncOpenAI(
