@@ -86,13 +86,19 @@ def stored_rows(path: str) -> tuple[list[tuple[int, list[str]]], dict[str, int],
 
         r = redis.Redis.from_url(path, decode_responses=True)
         try:
-            records = {key: json.loads(r.hget(key, "d")) for key in r.keys("{t:acme}:*") if r.type(key) == "hash"}
+            hashes = {key: r.hgetall(key) for key in r.keys("{t:acme}:*") if r.type(key) == "hash"}
         finally:
             r.close()
+        records = {key: json.loads(h["d"]) for key, h in hashes.items()}
         active = [
             (d["estimate"], d["budgeted_scopes"]) for k, d in records.items() if ":r:" in k and d["status"] == "ACTIVE"
         ]
-        reserved = {d["scope"]: d["reserved"] for k, d in records.items() if ":b:" in k}
+        reserved = {}
+        for key, h in hashes.items():
+            if ":b:" in key:  # the counters the commit script moves live beside the record, remaining with them
+                d, held, spent = records[key], int(h["r"]), int(h["s"])
+                assert int(h["m"]) == d["allocated"] - spent - held - d["debt"], (key, h)
+                reserved[d["scope"]] = held
         return active, reserved, sum(1 for k in records if ":e:" in k)
     db = sqlite3.connect(path)
     try:

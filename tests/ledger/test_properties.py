@@ -1074,7 +1074,15 @@ class RedisLedgerMachine(LedgerMachine):
         ]
 
     def stored_reserved(self) -> dict[str, int]:
-        return {d["scope"]: d["reserved"] for d in self._records("b")}
+        """The counters the commit script moves live beside the record, remaining with them."""
+        r = self.store.redis
+        out = {}
+        for key in r.keys("{t:acme}:b:*"):
+            h = r.hgetall(key)
+            d, held, spent = json.loads(h["d"]), int(h["r"]), int(h["s"])
+            assert int(h["m"]) == d["allocated"] - spent - held - d["debt"], (key, h)
+            out[d["scope"]] = held
+        return out
 
 
 RedisLedgerMachine.TestCase.settings = settings(

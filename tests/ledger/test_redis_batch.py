@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from cycles.errors import BudgetExceeded
 from cycles.ledger import Ledger
 from cycles.ledger.redis import open_redis
 
@@ -60,12 +61,49 @@ def test_a_conflict_fails_its_transaction_and_those_that_read_its_writes_only(le
         reserve(a, "k1")
         batch.current = "unrelated"
         reserve(a, "k2", tenant="other")
-        reserve(b, "meanwhile", amount=50)  # another process changes acme's budget before the batch ends
+        b.admin.freeze("tenant:acme", USD, tenant="acme")  # another process changes acme's budget meanwhile
+        b.admin.unfreeze("tenant:acme", USD, tenant="acme")
         batch.current = "second"
         reserve(a, "k3")  # read the first one's writes
     assert batch.failed == {"first", "second"}
-    assert reserved(b) == 150 and reserved(b, "other") == 200  # acme: warm + meanwhile; other: both
+    assert reserved(b) == 100 and reserved(b, "other") == 200  # acme: warm; other: both
     # run again by themselves, they settle exactly
     reserve(a, "k1")
     reserve(a, "k3")
-    assert reserved(b) == 350
+    assert reserved(b) == 300
+
+
+def test_moves_of_one_budget_by_two_processes_do_not_conflict(ledgers) -> None:
+    """Reserves and commits only move the counters (the script adds its deltas): another process's moves of the
+    same budget meanwhile fail nothing, and both land."""
+    a, b = ledgers
+    held = reserve(a, "warm")
+    with a.store.batch() as batch:
+        batch.current = "first"
+        reserve(a, "k1")
+        reserve(b, "meanwhile", amount=50)
+        b.commit(held, {"idempotency_key": "c", "actual": usd(30)}, tenant="acme")
+        batch.current = "second"
+        reserve(a, "k2")
+    assert batch.failed == set()
+    assert reserved(a) == reserved(b) == 250
+    balance = b.balances({"tenant": "acme"}, tenant="acme").balances[0]
+    assert (balance.spent.amount, balance.remaining.amount) == (30, 1_000 - 30 - 250)
+
+
+def test_moves_that_would_overdraw_fail_and_run_again_on_the_real_balance(ledgers) -> None:
+    """A move that lowers remaining commits only if remaining stays above zero: one decided on a stale balance
+    fails, runs again on the real one and is refused; a move down to exactly zero checks the exact version."""
+    a, b = ledgers
+    reserve(a, "warm", amount=100)  # a's cache: 900 left
+    reserve(b, "other", amount=800)  # 100 left, a does not know
+    with a.store.batch() as batch:
+        batch.current = "stale"
+        reserve(a, "too-much", amount=500)
+    assert batch.failed == {"stale"}
+    with pytest.raises(BudgetExceeded):
+        reserve(a, "too-much", amount=500)
+    reserve(a, "exact", amount=100)  # down to zero: allowed, on the exact balance
+    with pytest.raises(BudgetExceeded):
+        reserve(b, "none-left", amount=1)
+    assert reserved(a) == 1_000

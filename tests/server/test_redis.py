@@ -68,9 +68,16 @@ def stored(url: str) -> dict[str, dict[str, Any]]:
 
     r = redis.Redis.from_url(url, decode_responses=True)
     try:
-        return {k: json.loads(r.hget(k, "d")) for k in r.keys("{t:acme}:*") if r.type(k) == "hash"}
+        hashes = {k: r.hgetall(k) for k in r.keys("{t:acme}:*") if r.type(k) == "hash"}
     finally:
         r.close()
+    records = {k: json.loads(h["d"]) for k, h in hashes.items()}
+    for k, h in hashes.items():
+        if ":b:" in k:  # the counters the commit script moves live beside the record, remaining with them
+            d = records[k]
+            d["reserved"], d["spent"] = int(h["r"]), int(h["s"])
+            assert int(h["m"]) == d["allocated"] - d["spent"] - d["reserved"] - d["debt"], (k, h)
+    return records
 
 
 def assert_settled(url: str, allocations: list[int]) -> dict[str, dict[str, Any]]:

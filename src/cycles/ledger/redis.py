@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import random
 import threading
@@ -91,27 +92,56 @@ try:
 except ImportError:  # pragma: no cover - the redis extra is not installed
     redis = None  # type: ignore[assignment]
 
-# One slot's part of one or more transactions, in order: for each, check the versions it read, then apply its writes;
-# or apply nothing of it and report the records that changed. KEYS[1]: the slot's turn (see `take_turn`), then every
-# key the parts touch; ARGV[1]: JSON [[checks, ops], ...] with checks [key index, version, ...] and ops
-# P k version data | Z k score member | X k member; ARGV[2]: this store's owner token. Answers JSON: per part, 0
-# (committed) or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn.
-# Only strings cross: no number of the ledger ever becomes a Lua double.
+# One slot's part of one or more transactions, in order: for each, check the versions it read and the conditions of
+# its moves, then apply its writes and moves; or apply nothing of it and report the records that changed. KEYS[1]:
+# the slot's turn (see `take_turn`), then every key the parts touch; ARGV[1]: JSON [[checks, ops, moves], ...] with
+# checks [key index, version, ...], ops P k version data | B k version data reserved spent remaining (a budget) |
+# Z k score member | X k member, and moves [key index, static version, token, reserved delta, spent delta,
+# remaining delta, its opposite, lowers, ...] (see `RedisTransaction.move`); ARGV[2]: this store's owner token.
+# Answers JSON: per part, 0 (committed), [0, key, version, reserved, spent, ...] (committed, with what its moves left)
+# or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn. Only strings
+# cross, and counters change by HINCRBY (int64, exact): no number of the ledger ever becomes a Lua double (a
+# remaining's sign survives the conversion, which is all a move's condition looks at).
 COMMIT = """
 local turn = redis.call('GET', KEYS[1])
 if turn and turn ~= ARGV[2] then return '"turn"' end
 local parts = cjson.decode(ARGV[1])
 local out = {}
+local function report(changed, key)
+  local now = redis.call('HMGET', key, 'v', 'd', 'r', 's', 'w')
+  changed[#changed + 1] = key
+  changed[#changed + 1] = now[1] or '0'
+  if now[3] then  -- a budget: its counters beside its record
+    changed[#changed + 1] = now[2] .. '\\0' .. now[3] .. '\\0' .. now[4] .. '\\0' .. now[5]
+  else
+    changed[#changed + 1] = now[2] or ''
+  end
+end
 for p = 1, #parts do
-  local checks, ops = parts[p][1], parts[p][2]
+  local checks, ops, moves = parts[p][1], parts[p][2], parts[p][3]
   local changed = {}
   for c = 1, #checks, 2 do
     local key = KEYS[checks[c]]
-    if (redis.call('HGET', key, 'v') or '0') ~= checks[c + 1] then
-      local now = redis.call('HMGET', key, 'v', 'd')
-      changed[#changed + 1] = key
-      changed[#changed + 1] = now[1] or '0'
-      changed[#changed + 1] = now[2] or ''
+    if (redis.call('HGET', key, 'v') or '0') ~= checks[c + 1] then report(changed, key) end
+  end
+  if #changed == 0 then
+    local applied = 0
+    for m = 1, #moves, 8 do
+      local key = KEYS[moves[m]]
+      local fine = redis.call('HGET', key, 'w') == moves[m + 1]
+      if fine then
+        local left = redis.pcall('HINCRBY', key, 'm', moves[m + 5])
+        fine = type(left) == 'number' and (left > 0 or moves[m + 7] == '0')
+        if type(left) == 'number' and not fine then redis.call('HINCRBY', key, 'm', moves[m + 6]) end
+      end
+      if not fine then
+        report(changed, key)
+        break
+      end
+      applied = m
+    end
+    if #changed > 0 then
+      for m = 1, applied, 8 do redis.call('HINCRBY', KEYS[moves[m]], 'm', moves[m + 6]) end
     end
   end
   if #changed == 0 then
@@ -121,6 +151,10 @@ for p = 1, #parts do
       if op == 'P' then
         redis.call('HSET', key, 'v', ops[i + 2], 'd', ops[i + 3])
         i = i + 4
+      elseif op == 'B' then
+        redis.call('HSET', key, 'v', ops[i + 2], 'w', ops[i + 2], 'd', ops[i + 3], 'r', ops[i + 4], 's', ops[i + 5],
+                   'm', ops[i + 6])
+        i = i + 7
       elseif op == 'Z' then
         redis.call('ZADD', key, ops[i + 2], ops[i + 3])
         i = i + 4
@@ -130,6 +164,21 @@ for p = 1, #parts do
       end
     end
     changed = 0
+    if #moves > 0 then
+      changed = {0}
+      for m = 1, #moves, 8 do
+        local key = KEYS[moves[m]]
+        redis.call('HINCRBY', key, 'r', moves[m + 3])
+        redis.call('HINCRBY', key, 's', moves[m + 4])
+        local version = redis.sha1hex(redis.call('HGET', key, 'v') .. moves[m + 2])
+        redis.call('HSET', key, 'v', version)
+        local now = redis.call('HMGET', key, 'r', 's')
+        changed[#changed + 1] = key
+        changed[#changed + 1] = version
+        changed[#changed + 1] = now[1]
+        changed[#changed + 1] = now[2]
+      end
+    end
   end
   out[p] = changed
 end
@@ -178,6 +227,21 @@ def _dump(obj: Any, names: tuple[str, ...]) -> str:
     return to_json({n: getattr(obj, n) for n in names}).decode()
 
 
+def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
+    """A budget as the cache holds it: its record, the counters the script moves, the version of the rest."""
+    return f"{record}\0{reserved}\0{spent}\0{static}"
+
+
+def _budget_fields(data: str) -> dict[str, Any]:
+    """A budget's fields, its counters as they stand (they live beside the record, moved without rewriting it)."""
+    if "\0" not in data:  # stored before the counters had fields of their own: the record holds them
+        return from_json(data)
+    record, reserved, spent, _static = data.split("\0")
+    fields = from_json(record)
+    fields["reserved"], fields["spent"] = int(reserved), int(spent)
+    return fields
+
+
 _LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
 
 
@@ -199,6 +263,9 @@ class RedisTransaction:
         self._changed_slots: set[str] = set()  # slots a change (not only an observability record) is written in
         self._versions: dict[str, str] = {}  # key -> the version its write gets
         self._datas: dict[str, str] = {}  # key -> the JSON its write stores
+        self._moves: dict[str, list[int]] = {}  # budget key -> [reserved, spent] deltas applied by the script
+        self._tokens: dict[str, str] = {}  # budget key -> the token its move's new version is made from
+        self._landed: dict[str, tuple[str, str, str]] = {}  # budget key -> (version, reserved, spent) after its move
         batch = store.open_batch
         self._batch = batch if batch is not None and batch.thread == threading.get_ident() else None
 
@@ -220,9 +287,9 @@ class RedisTransaction:
             with self._store.errors():
                 pipe = self._r.pipeline(transaction=False)
                 for k in missing:
-                    pipe.hmget(k, "v", "d")
-                for k, (v, d) in zip(missing, pipe.execute(), strict=True):
-                    cache[k] = (v or "0", d)
+                    pipe.hmget(k, "v", "d", "r", "s", "w")
+                for k, (v, d, reserved, spent, static) in zip(missing, pipe.execute(), strict=True):
+                    cache[k] = (v or "0", d if reserved is None else _joined(d, reserved, spent, static))
         out = []
         for k in keys:
             seen = self._read.get(k)
@@ -233,18 +300,19 @@ class RedisTransaction:
             out.append(seen[1])
         return out
 
-    def _load(self, keys: Sequence[str], make: Any) -> list[Any]:
+    def _load(self, keys: Sequence[str], make: Any, parse: Callable[[str], Any] = from_json) -> list[Any]:
         """Records for keys (None where absent), the same object each time within this transaction."""
         objects = self._objects
         need = [k for k in keys if k not in objects]
         if need:
             for k, data in zip(need, self._get(need), strict=True):
-                objects[k] = None if data is None else make(from_json(data))
+                objects[k] = None if data is None else make(parse(data))
         return [objects[k] for k in keys]
 
     def _put(self, key: str, value: Any, names: tuple[str, ...] | None, *, observed: bool = False) -> None:
         """Write a record (its fields `names`) or plain JSON data (names None) at commit."""
         self._writes.pop(key, None)  # re-inserted: the order of last writes picks the operation's own slot
+        self._moves.pop(key, None)  # a budget written whole: its moves are in the record
         self._writes[key] = (value, names)
         self._objects[key] = value
         self._wrote(key, observed)
@@ -294,16 +362,47 @@ class RedisTransaction:
             return found
 
         read = self._read
+        moves = self._moves
         for key, (version, _data) in read.items():
-            part(key).checks.append((key, version))
+            if key not in moves:  # a moved budget is checked by its move's condition instead
+                part(key).checks.append((key, version))
         for key in self._writes.keys() | self._inserted:
             if key not in read:  # written without being read: it must not exist yet
                 part(key).checks.append((key, "0"))
-        for key in self._writes:
-            part(key).ops.append(("P", key, self._version(key), self._data(key)))
+        for key, (value, names) in self._writes.items():
+            data = self._data(key)
+            if names is _BUDGET:
+                record = data[: data.index("\0")]
+                counters = (str(value.reserved), str(value.spent), str(value.remaining))
+                part(key).ops.append(("B", key, self._version(key), record, *counters))
+            else:
+                part(key).ops.append(("P", key, self._version(key), data))
         for op in self._index:
             part(op[1]).ops.append(op)
+        for key, (reserved, spent) in moves.items():
+            static = read[key][1].rsplit("\0", 1)[1]  # type: ignore[union-attr]
+            drop = reserved + spent
+            deltas = (str(reserved), str(spent), str(-drop), str(drop), "1" if drop > 0 else "0")
+            part(key).moves.append((key, static, self._tokens[key], *deltas))
         return parts
+
+    def _settle_moves(self) -> None:
+        """Which moves commit as deltas. One does when the budget's static version (everything but reserved and
+        spent: status, limits, debt, the over-limit flag) is still the one read and, if it lowers remaining, remaining
+        stays above zero: the rules decide on a budget they only move by exactly those facts (allowed: remaining at
+        least the amount; no budget.exhausted: remaining after it above zero). A move that leaves remaining at zero
+        or below (this transaction's decisions rest on its exact value), or one of a budget stored before the
+        counters had fields of their own, writes the record whole and checks its exact version."""
+        for key in list(self._moves):
+            b = self._objects[key]
+            version, data = self._read[key]
+            reserved, spent = self._moves[key]
+            if "\0" not in data or (reserved + spent > 0 and b.remaining <= 0):  # type: ignore[operator]
+                del self._moves[key]
+                self._writes[key] = (b, _BUDGET)
+            else:  # the version the script gives it: unique, and foreseeable by the later transactions of a batch
+                self._tokens[key] = token = os.urandom(8).hex()
+                self._versions[key] = hashlib.sha1((version + token).encode()).hexdigest()
 
     def _commit(self, *, check_only: bool) -> None:
         plan = self._plan(check_only)
@@ -321,16 +420,18 @@ class RedisTransaction:
 
     def _plan(self, check_only: bool) -> _Plan | None:
         """What commits (or only checks) this transaction, per slot; None when it needs nothing."""
-        writing = bool(self._writes or self._index) and not check_only
+        writing = bool(self._writes or self._index or self._moves) and not check_only
         if not writing and (not self._read or (len(self._read) == 1 and not self._cached)):
             return None  # nothing written, and what was read is one record as Redis had it: consistent by itself
         if check_only:
-            self._writes, self._index, self._pointers = {}, [], {}
+            self._writes, self._index, self._pointers, self._moves = {}, [], {}, {}
+        if writing:
+            self._settle_moves()
         parts = self._parts()
         primary = self._last_slot if writing else None
         followers: dict[str, _Part] = {}
         if writing:  # a slot only read beside the operation's own is another tenant's sweep that found nothing to do
-            parts = {slot: p for slot, p in parts.items() if p.ops or slot == primary}
+            parts = {slot: p for slot, p in parts.items() if p.ops or p.moves or slot == primary}
             # a slot holding only new observability records commits after the operation's own, and only once that
             # did: an event or audit entry of another tenant's (or pseudo-tenant's) slot exists only if its change
             # does (a crash in between loses it; it never invents one). Its records are new (random ids): written
@@ -377,11 +478,21 @@ class RedisTransaction:
         return version
 
     def _data(self, key: str) -> str:
-        """The JSON written at `key` (once the transaction ends: its records no longer change)."""
+        """The data written at `key` (once the transaction ends: its records no longer change); a budget's as the
+        cache holds it (`_joined`), a moved one's as this transaction expects the script to leave it."""
         data = self._datas.get(key)
         if data is None:
-            value, names = self._writes[key]
-            data = self._datas[key] = to_json(value).decode() if names is None else _dump(value, names)
+            if key in self._moves:
+                b = self._objects[key]
+                record, _reserved, _spent, static = self._read[key][1].split("\0")  # type: ignore[union-attr]
+                data = _joined(record, b.reserved, b.spent, static)
+            else:
+                value, names = self._writes[key]
+                if names is _BUDGET:
+                    data = _joined(_dump(value, names), value.reserved, value.spent, self._version(key))
+                else:
+                    data = to_json(value).decode() if names is None else _dump(value, names)
+            self._datas[key] = data
         return data
 
     def _remember_written(self) -> None:
@@ -390,6 +501,9 @@ class RedisTransaction:
             cache.clear()
         for key in self._writes:
             cache[key] = (self._version(key), self._data(key))
+        for key, (version, reserved, spent) in self._landed.items():  # as the script left them, others' moves too
+            record, _reserved, _spent, static = self._read[key][1].split("\0")  # type: ignore[union-attr]
+            cache[key] = (version, _joined(record, reserved, spent, static))
 
     # ------------------------------------------------------------------------------------------------ idempotency
     def get_idempotent(self, tenant: str, endpoint: str, key: str) -> tuple[str, str] | None:
@@ -430,7 +544,7 @@ class RedisTransaction:
         return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
 
     def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
-        found = self._load([self._budget_key(unit, s) for s in scopes], lambda d: BudgetRecord(**d))
+        found = self._load([self._budget_key(unit, s) for s in scopes], lambda d: BudgetRecord(**d), _budget_fields)
         return [b for b in found if b is not None]
 
     def _index_members(self, tenants: Iterable[str], index: str) -> list[tuple[str, str]]:
@@ -457,11 +571,21 @@ class RedisTransaction:
         self._put(self._budget_key(b.unit, b.scope), b, _BUDGET)
 
     def move(self, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
+        """Reserved and spent deltas are applied by the commit script (HINCRBY), not written as the new record: two
+        processes moving one budget then do not fail each other's transactions (see `_settle_moves` for the
+        condition each move commits under). A debt, or a budget written whole as well, writes the record."""
         for b in budgets:
             b.reserved += reserved
             b.spent += spent
             b.debt += debt
-            self._put(self._budget_key(b.unit, b.scope), b, _BUDGET)
+            key = self._budget_key(b.unit, b.scope)
+            if debt or key in self._writes:
+                self._put(key, b, _BUDGET)
+                continue
+            moved = self._moves.setdefault(key, [0, 0])
+            moved[0] += reserved
+            moved[1] += spent
+            self._wrote(key, False)
 
     def set_over_limit(self, unit: str, scopes: Sequence[str], flag: bool) -> None:
         for b in self.get_budgets(unit, scopes):
@@ -496,7 +620,8 @@ class RedisTransaction:
                 continue
             rows.append((s, u))
         rows.sort()
-        found = self._load([self._budget_key(u, s) for s, u in rows[:limit]], lambda d: BudgetRecord(**d))
+        keys = [self._budget_key(u, s) for s, u in rows[:limit]]
+        found = self._load(keys, lambda d: BudgetRecord(**d), _budget_fields)
         return [b for b in found if b is not None and (tenant_id is None or b.tenant_id == tenant_id)]
 
     # ----------------------------------------------------------------------------------------------- reservations
@@ -977,6 +1102,7 @@ class _Part:
 
     checks: list[tuple[str, str]]
     ops: list[tuple[str, ...]]
+    moves: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # budget deltas (see COMMIT)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1013,6 +1139,7 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
             [
                 [x for key, version in part.checks for x in (at(key), version)],
                 [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
+                [x for move in part.moves for x in (at(move[0]), *move[1:])],
             ]
             for _n, part in parts
         ]
@@ -1045,6 +1172,11 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
             answers[n][slot] = TURN if result == "turn" else None
         if result != "turn":
             for (n, _part), answer in zip(slots[slot], result, strict=True):
+                if answer and answer[0] == 0:  # committed, with what its moves left (others' moves included)
+                    landed = plans[n].tx._landed
+                    for i in range(1, len(answer), 4):
+                        landed[answer[i]] = (answer[i + 1], answer[i + 2], answer[i + 3])
+                    answer = None
                 answers[n][slot] = answer or None
     return answers
 
@@ -1089,7 +1221,7 @@ class _Batch:
         self.plans.append((self.current, plan))
         tx = plan.tx
         if plan.writing:
-            for key in tx._writes:
+            for key in [*tx._writes, *tx._moves]:
                 self.overlay[key] = (tx._version(key), tx._data(key))
 
     def flush(self) -> None:
