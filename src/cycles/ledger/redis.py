@@ -28,6 +28,14 @@ bounded, with jitter). A transaction that only read one record straight from Red
 CyclesError) is checked too before it is believed, since it may rest on a stale record. In the steady state an
 operation is one round trip.
 
+Budgets are the exception that makes processes scale: a budget's reserved and spent counters (and its remaining,
+kept with them) live in fields of their own beside the record, and a `move` (reserve, commit, release, expiry) is
+sent as deltas the script adds itself (HINCRBY), under a condition instead of the exact version: the budget's
+*static* version (`w`: everything but the two counters, changed only by a write of the whole record) is the one
+read, and a move that lowers remaining leaves it above zero. Those are the facts the rules decide on for a budget
+they only move (see `_settle_moves`), so two processes reserving against one budget do not fail each other until
+it runs out. A move to zero or below, a debt, or a budget written whole checks the exact version as before.
+
 The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, one
 script per slot running each call's part in order, all in one pipeline, so a round trip is shared by the whole
 batch; a call whose records another process changed fails alone (with the later calls that read its writes) and
@@ -40,8 +48,8 @@ one written) last, and only its outcome decides; expiring a hold twice is imposs
 harmless. Events and audit entries a change writes in another slot (a pseudo-tenant's) commit right after it,
 only if it did (`_plan`).
 
-Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it only compares
-versions and stores text. Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
+Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it compares
+versions, stores text and adds integer strings with HINCRBY (int64, exact). Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
 monotonic clock), so every server decides expiry on one clock; an injected `clock=` still wins (the rules).
 
 Durability is Redis's: with `appendonly yes` and `appendfsync always` a Redis crash loses nothing acknowledged, with
