@@ -49,8 +49,9 @@ harmless. Events and audit entries a change writes in another slot (a pseudo-ten
 only if it did (`_plan`).
 
 Amounts stay exact: JSON integers, parsed by Python; the script never reads a record's content, it compares
-versions, stores text and adds integer strings with HINCRBY (int64, exact). Time is Redis's clock (`TIME`, sampled every few seconds and tracked with the local
-monotonic clock), so every server decides expiry on one clock; an injected `clock=` still wins (the rules).
+versions, stores text and adds integer strings with HINCRBY (int64, exact). Time is Redis's clock (`TIME`, sampled
+every few seconds and tracked with the local monotonic clock), so every server decides expiry on one clock; an
+injected `clock=` still wins (the rules).
 
 Durability is Redis's: with `appendonly yes` and `appendfsync always` a Redis crash loses nothing acknowledged, with
 `everysec` at most about a second; a server process crash loses nothing acknowledged (every answer follows its
