@@ -107,3 +107,50 @@ def test_estimate_is_prompt_plus_max_output_priced():
     assert pricing.estimate("m", prompt=prompt, max_output_tokens=10).amount == 100 * 100 + 10 * 200
     assert pricing.estimate("m", prompt_tokens=0, max_output_tokens=0).amount == 0
     assert pricing.estimate("m", prompt="abc", unit="TOKENS").amount == 1 + 100
+
+
+def test_usage_read_off_pydantic_models_the_way_pydantic_resolves_attributes():
+    """Fields, then class attributes (a property), then extra fields: read without a failing `getattr` per probe."""
+    from pydantic import BaseModel, ConfigDict
+
+    openai_types = pytest.importorskip("openai.types")
+    from openai.types.responses import ResponseUsage
+
+    chat = openai_types.CompletionUsage(
+        prompt_tokens=100, completion_tokens=20, total_tokens=120,
+        prompt_tokens_details={"cached_tokens": 30, "cache_write_tokens": 5},
+        completion_tokens_details={"reasoning_tokens": 7},
+    )  # fmt: skip
+    assert normalize_usage(chat) == TokenUsage(
+        100, 20, cached_input_tokens=30, cache_write_tokens=5, reasoning_tokens=7
+    )
+    responses = ResponseUsage(
+        input_tokens=100, output_tokens=20, total_tokens=120,
+        input_tokens_details={"cached_tokens": 30, "cache_write_tokens": 5},
+        output_tokens_details={"reasoning_tokens": 7},
+    )  # fmt: skip
+    assert normalize_usage(responses) == TokenUsage(100, 20, 30, 5, 7)
+
+    class Computed(BaseModel):  # token counts behind a property
+        counts: tuple[int, int]
+
+        @property
+        def prompt_tokens(self) -> int:
+            return self.counts[0]
+
+        @property
+        def completion_tokens(self) -> int:
+            return self.counts[1]
+
+    assert normalize_usage(Computed(counts=(12, 3))) == TokenUsage(12, 3)
+
+    class Loose(BaseModel):  # a provider's usage carried as extra fields
+        model_config = ConfigDict(extra="allow")
+
+    assert normalize_usage(Loose.model_validate({"input_tokens": 4, "output_tokens": 2})) == TokenUsage(4, 2)
+    llama = pytest.importorskip("llama_index.core.llms")
+    response = llama.ChatResponse(
+        message=llama.ChatMessage(role="assistant", content="hi"),
+        raw={"usage": {"prompt_tokens": 11, "completion_tokens": 4}},
+    )
+    assert normalize_usage(response) == TokenUsage(11, 4)

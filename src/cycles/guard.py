@@ -39,6 +39,7 @@ from .errors import (
     ToolNotAllowed,
     TransportError,
 )
+from .ids import new_key
 from .journal import TERMINAL_CODES, Journal
 from .models import (
     Action,
@@ -61,6 +62,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EstimateArg = Amount | Callable[..., Amount]
 ActionArg = Action | tuple[str, str] | dict[str, Any] | str | None
+
+# Guards the in-process accounts of envelopes (a reservation inner calls draw from): one lock for all, held for a few
+# additions, rather than one built for every guarded call.
+_envelope_lock = threading.Lock()
 
 RESERVE_ATTEMPTS = 3
 COMMIT_ATTEMPTS = 5
@@ -183,7 +188,6 @@ class Reservation:
         self.metadata = metadata
         self.key = idempotency_key or ""  # made when the reserve is sent (a call drawn in process sends nothing)
         self.subject: dict[str, Any] = {}
-        self._lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------------------- state
     @property
@@ -215,7 +219,7 @@ class Reservation:
     # --------------------------------------------------------------------------------------------- envelope
     def draw(self, amount: int, child: Reservation) -> None:
         assert self.estimate is not None
-        with self._lock:
+        with _envelope_lock:
             available = self.estimate.amount - self._drawn - self._inner_used
             if amount > available:
                 unit = self.estimate.unit
@@ -227,7 +231,7 @@ class Reservation:
             self._drawn += amount
 
     def settle(self, held: int, used: int) -> None:
-        with self._lock:
+        with _envelope_lock:
             self._drawn -= held
             self._inner_used += used
             self._inner_calls += 1
@@ -259,7 +263,7 @@ class Reservation:
             self._check_tool_caps()
             return None
         if not self.key:
-            self.key = os.urandom(16).hex()
+            self.key = new_key()
         self.subject = subject = self.client.subject(self._subject)
         key, validated = _cached_subject(subject)
         body: dict[str, Any] = {

@@ -278,9 +278,38 @@ def _shape(cls: type) -> type | None:
 
 def _getter(obj: Any) -> Callable[[str], Any]:
     """Read fields off a mapping or an object alike (None when missing)."""
-    if _shape(type(obj)) is Mapping:
+    cls = type(obj)
+    if _shape(cls) is Mapping:
         return obj.get
+    if _is_pydantic(cls):
+        return _model_reader(obj, cls)
     return lambda name: getattr(obj, name, None)
+
+
+@functools.cache
+def _is_pydantic(cls: type) -> bool:
+    return hasattr(cls, "__pydantic_fields__") and hasattr(cls, "__pydantic_extra__")
+
+
+@functools.cache
+def _on_class(cls: type, name: str) -> bool:
+    return hasattr(cls, name)
+
+
+def _model_reader(obj: Any, cls: type) -> Callable[[str], Any]:
+    """A pydantic model's fields, read the way pydantic resolves them (fields, then class attributes such as
+    properties, then extra fields) but without `getattr`: a usage probe misses most names it asks for, and a miss
+    through a model's `__getattr__` raises and catches an AttributeError (measured: 5 µs per OpenAI usage object)."""
+    values, extra = obj.__dict__, obj.__pydantic_extra__
+
+    def read(name: str) -> Any:
+        if name in values:
+            return values[name]
+        if _on_class(cls, name):
+            return getattr(obj, name, None)
+        return extra.get(name) if extra else None
+
+    return read
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -296,9 +325,9 @@ def normalize_usage(usage: Any) -> TokenUsage:
 
     - LangChain `usage_metadata`: input_tokens, output_tokens, input_token_details.{cache_read, cache_creation},
       output_token_details.reasoning;
-    - OpenAI chat completions: prompt_tokens, completion_tokens, prompt_tokens_details.cached_tokens,
-      completion_tokens_details.reasoning_tokens;
-    - OpenAI responses: input_tokens, output_tokens, input_tokens_details.cached_tokens,
+    - OpenAI chat completions: prompt_tokens, completion_tokens, prompt_tokens_details.{cached_tokens,
+      cache_write_tokens}, completion_tokens_details.reasoning_tokens;
+    - OpenAI responses: input_tokens, output_tokens, input_tokens_details.{cached_tokens, cache_write_tokens},
       output_tokens_details.reasoning_tokens;
     - LlamaIndex: a response whose `raw` carries one of the above (or whose additional_kwargs hold
       prompt_tokens/completion_tokens), or TokenCountingHandler-style prompt_llm_token_count and
@@ -318,10 +347,15 @@ def normalize_usage(usage: Any) -> TokenUsage:
                 return found
     prompt_tokens, completion_tokens = get("prompt_tokens"), get("completion_tokens")
     if prompt_tokens is not None or completion_tokens is not None:
+        cached = writes = 0
+        if (details := get("prompt_tokens_details")) is not None:
+            read = _getter(details)
+            cached, writes = _int(read("cached_tokens")), _int(read("cache_write_tokens"))
         return TokenUsage(
             input_tokens=_int(prompt_tokens),
             output_tokens=_int(completion_tokens),
-            cached_input_tokens=_int(_get(get("prompt_tokens_details"), "cached_tokens")),
+            cached_input_tokens=cached,
+            cache_write_tokens=writes,
             reasoning_tokens=_int(_get(get("completion_tokens_details"), "reasoning_tokens")),
         )
     input_tokens, output_tokens = get("input_tokens"), get("output_tokens")
@@ -330,7 +364,8 @@ def normalize_usage(usage: Any) -> TokenUsage:
         if (details := get("input_token_details")) is not None:  # LangChain
             cached, writes = _int(_get(details, "cache_read")), _int(_get(details, "cache_creation"))
         if not cached and (details := get("input_tokens_details")) is not None:  # OpenAI responses
-            cached = _int(_get(details, "cached_tokens"))
+            read = _getter(details)
+            cached, writes = _int(read("cached_tokens")), writes or _int(read("cache_write_tokens"))
         if (details := get("output_token_details")) is not None:
             reasoning = _int(_get(details, "reasoning"))
         if not reasoning and (details := get("output_tokens_details")) is not None:
