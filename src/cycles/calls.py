@@ -233,6 +233,7 @@ class ModelCall:
         "produced",
         "_text",
         "_started",
+        "__weakref__",
     )
 
     def __init__(

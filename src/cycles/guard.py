@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -152,7 +153,9 @@ class Reservation:
     metrics: StandardMetrics | None = None
     commit_metadata: dict[str, Any] | None = None
     scope_path: str | None = None
-    model_call: Any = None  # the cycles.calls.ModelCall this guards, if any (its model and usage go on spans)
+    # the cycles.calls.ModelCall this guards, if any (its model and usage go on spans), held weakly: the call holds
+    # this reservation, and a cycle between them would leave every finished call to the garbage collector
+    _model_call: weakref.ref[Any] | None = None
     _recorded: int | None = None
     _parent: Envelope | None = None
     _run: Run | None = None
@@ -190,6 +193,16 @@ class Reservation:
         self.subject: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------------------------- state
+    @property
+    def model_call(self) -> Any:
+        """The `cycles.calls.ModelCall` this reservation guards, if any."""
+        ref = self._model_call
+        return ref() if ref is not None else None
+
+    @model_call.setter
+    def model_call(self, call: Any) -> None:
+        self._model_call = weakref.ref(call) if call is not None else None
+
     @property
     def unit(self) -> str:
         assert self.estimate is not None

@@ -61,6 +61,27 @@ def test_success_commits_the_priced_usage_with_metrics(client):
     assert c.reservation.metrics.model_version == "m-2026"
 
 
+def test_a_finished_call_is_freed_at_once_not_left_to_the_garbage_collector(client):
+    """The reservation knows its call (spans name the model) only weakly: a cycle between the two would make every
+    finished call cyclic garbage, and a busy agent's heap a collector's work."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        c = call(client).begin()
+        assert c.reservation.model_call is c
+        c.output("hi", usage={"prompt_tokens": 90, "completion_tokens": 7})
+        c.finish()
+        freed, reservation_freed = weakref.ref(c), weakref.ref(c.reservation)
+        del c
+        assert freed() is None and reservation_freed() is None  # by reference counting alone: the collector is off
+    finally:
+        gc.enable()
+    assert_settled(client, 90 * IN + 7 * OUT)
+
+
 def test_success_without_usage_counts_the_prompt_and_the_output_text(client):
     c = call(client).begin()
     c.output("y" * 40)  # 10 tokens
