@@ -5,7 +5,7 @@
 
     hooks = CyclesRunHooks(agent="researcher", tool_estimates={"search": cycles.usd(0.01)})
     search = function_tool(search_fn, tool_input_guardrails=[hooks.tool_guardrail()])
-    result = await Runner.run(Agent(name="researcher", tools=[search]), "...", hooks=hooks)
+    result = await hooks.run(Agent(name="researcher", tools=[search]), "...")   # Runner.run(..., hooks=hooks)
 
 - `on_llm_start` reserves the call's worst case (instructions and input items counted, plus the agent's
   `model_settings.max_tokens`, else `Pricing.default_max_output_tokens`), priced for the agent's model name (or
@@ -18,8 +18,11 @@
   stops the run with `ToolInputGuardrailTripwireTriggered` (or, with `on_denied="message"`, tells the model the tool
   was not run and lets the run go on);
 - every call is keyed by its own run's context and the agent (tools: the tool context and call id), so one hooks
-  object serves concurrent runs; a model call that raises never reaches `on_llm_end`: `release_open()` hands back
-  the holds still open (or they expire with their TTL).
+  object serves concurrent runs;
+- the SDK calls no hook for a model call that raises, so run through the hooks (`await hooks.run(agent, input)` or
+  `hooks.run_sync(...)`, which are `Runner.run(..., hooks=hooks)`): when the run raises, the holds it left open are
+  released before the error propagates, and other runs' holds are left alone. Runs started with `Runner.run(...,
+  hooks=hooks)` directly can call `release_open()` (every run's open holds), or leave them to their TTL.
 
 Use these hooks *or* a guarded `AsyncOpenAI` client for the agent's model, not both (they would reserve one call
 twice): the hooks work for any model the SDK drives; only the client can apply ALLOW_WITH_CAPS `max_tokens` and tool
@@ -28,6 +31,8 @@ caps to the request itself (a hook runs after the SDK built it; tool caps are st
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -45,6 +50,11 @@ from .client import openai_pricing
 __all__ = ["CyclesRunHooks"]
 
 ToolEstimate = Amount | Callable[[Any], Amount]
+
+# The holds the current `CyclesRunHooks.run` opened (hooks run in the run's task, or in tasks copied from it)
+_opened: contextvars.ContextVar[list[ModelCall | Reservation] | None] = contextvars.ContextVar(
+    "cycles_agents_run", default=None
+)
 
 
 def _model_name(agent: Any, fallback: str | None) -> str:
@@ -126,6 +136,8 @@ class CyclesRunHooks(RunHooks[Any]):
         await call.abegin()  # a denial raises out of Runner.run, before the model is called
         with self._lock:
             self._llm[(id(context), id(agent))] = call
+        if (opened := _opened.get()) is not None:
+            opened.append(call)
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
         with self._lock:
@@ -159,6 +171,8 @@ class CyclesRunHooks(RunHooks[Any]):
         admit_tool(reservation, name)
         with self._lock:
             self._tools[key] = reservation
+        if (opened := _opened.get()) is not None:
+            opened.append(reservation)
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
         await self._hold_tool(context, tool.name)
@@ -188,9 +202,47 @@ class CyclesRunHooks(RunHooks[Any]):
 
         return ToolInputGuardrail(guardrail_function=cycles_budget, name="cycles_budget")
 
-    # ------------------------------------------------------------------------------------------------ ending
+    # -------------------------------------------------------------------------------------------------- runs
+    async def run(self, starting_agent: Any, input: Any, **kwargs: Any) -> Any:
+        """`Runner.run(starting_agent, input, hooks=self, **kwargs)`; if the run raises (a model call failed, a
+        guardrail tripped, the task was cancelled), the holds this run left open are settled before the error
+        propagates: a model call that produced nothing is released, a tool hold too."""
+        from agents import Runner
+
+        opened: list[ModelCall | Reservation] = []
+        token = _opened.set(opened)
+        try:
+            return await Runner.run(starting_agent, input, hooks=self, **kwargs)
+        except BaseException as exc:
+            await self._settle(opened, exc)
+            raise
+        finally:
+            _opened.reset(token)
+
+    def run_sync(self, starting_agent: Any, input: Any, **kwargs: Any) -> Any:
+        """`run` from synchronous code (as `Runner.run_sync`: not inside a running event loop)."""
+        return asyncio.run(self.run(starting_agent, input, **kwargs))
+
+    async def _settle(self, opened: list[ModelCall | Reservation], error: BaseException) -> None:
+        """Settle the holds among `opened` that no end hook took (identity: the same call may not be settled
+        twice, and other runs' holds are never touched)."""
+        with self._lock:
+            mine = {id(hold) for hold in opened}
+            calls = [(k, c) for k, c in self._llm.items() if id(c) in mine]
+            tools = [(k, r) for k, r in self._tools.items() if id(r) in mine]
+            for key, _ in calls:
+                del self._llm[key]
+            for key, _ in tools:
+                del self._tools[key]
+        for _, call in calls:
+            await call.afinish(error)
+        for _, reservation in tools:
+            if reservation.active:
+                await reservation.arelease(reason=f"run failed: {type(error).__name__}")
+
     async def release_open(self, reason: str = "run ended") -> int:
-        """Release every hold still open (a model call that raised never reaches on_llm_end); how many."""
+        """Release every hold still open, of every run (a model call that raised never reaches on_llm_end); how
+        many. With concurrent runs on these hooks prefer `run()`, which settles only its own run's holds."""
         with self._lock:
             calls, tools = list(self._llm.values()), list(self._tools.values())
             self._llm.clear()

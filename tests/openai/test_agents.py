@@ -198,6 +198,48 @@ def test_release_open_after_a_model_error(funded: cycles.Client) -> None:
     assert r.status == "RELEASED" and hooks.in_flight() == 0
 
 
+def test_a_failed_run_through_the_hooks_settles_its_own_holds_only(funded: cycles.Client) -> None:
+    """`hooks.run`: the model call a failure left open (the SDK calls no hook for it) is released as the error
+    propagates, while a concurrent run on the same hooks keeps its open tool hold and finishes normally."""
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    failed = asyncio.Event()
+    steps, usages = script()
+
+    @function_tool
+    async def search(query: str) -> str:
+        """Search the web."""
+        await failed.wait()  # the other run fails while this tool's hold is open
+        return f"results for {query}"
+
+    async def failing() -> None:
+        model = ScriptedModel([ModelStep.raise_error(ConnectionError("provider down"))])
+        with pytest.raises(ConnectionError):
+            await hooks.run(Agent(name="bot", model=model), "hi")
+        failed.set()
+
+    async def go() -> Any:
+        working = asyncio.create_task(hooks.run(Agent(name="bot", model=ScriptedModel(steps), tools=[search]), "q"))
+        while not hooks.in_flight():  # the working run holds its tool call
+            await asyncio.sleep(0.001)
+        await failing()
+        return await working
+
+    assert asyncio.run(go()).final_output == "Budgets keep agents honest."
+    statuses = sorted(r.status for r in funded.reservations())
+    assert statuses == ["COMMITTED", "COMMITTED", "COMMITTED", "RELEASED"]
+    assert spent(funded) == sum(cost(u) for u in usages) + TOOL_COST.amount
+    assert funded.reservations(status="ACTIVE") == [] and hooks.in_flight() == 0
+
+
+def test_run_sync_releases_a_failed_model_call(funded: cycles.Client) -> None:
+    model = ScriptedModel([ModelStep.raise_error(ConnectionError("provider down"))])
+    hooks = CyclesRunHooks(funded, model=MODEL)
+    with pytest.raises(ConnectionError):
+        hooks.run_sync(Agent(name="bot", model=model), "hi")
+    [r] = funded.reservations()
+    assert r.status == "RELEASED" and hooks.in_flight() == 0
+
+
 def test_streamed_runs_are_reserved_too(funded: cycles.Client) -> None:
     steps, usages = script()
     hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
