@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Sequence
@@ -49,6 +50,7 @@ class UsageLLM(FunctionCallingLLM):
     tool_names: list[str] = Field(default_factory=list)
     max_tool_calls: int | None = None  # then it answers in text
     fixed_usage: dict[str, int] | None = None  # report this usage on every call (else it grows with the prompt)
+    react_tool: str | None = None  # answer in ReAct text instead: always "Action: <react_tool>" (up to max_tool_calls)
     fail: bool = False  # the provider fails (after being called)
     report: bool = True  # False: a provider that reports no usage at all
     delay: float = 0.0  # seconds achat, or a stream before its first chunk, waits
@@ -88,10 +90,15 @@ class UsageLLM(FunctionCallingLLM):
         if self.fail:
             raise ConnectionError("provider unavailable")
         calls: list[ToolSelection] = []
-        if self.tool_names and kwargs.get("tools") and (self.max_tool_calls is None or n < self.max_tool_calls):
+        more_tools = self.max_tool_calls is None or n < self.max_tool_calls
+        if self.tool_names and kwargs.get("tools") and more_tools:
             name = self.tool_names[n % len(self.tool_names)]
             calls = [ToolSelection(tool_id=f"call_{n:04d}", tool_name=name, tool_kwargs={"query": f"q{n}"})]
             text = ""
+        elif self.react_tool and more_tools:
+            text = f'Thought: I need a tool.\nAction: {self.react_tool}\nAction Input: {{"query": "q{n}"}}'
+        elif self.react_tool:
+            text = "Thought: I can answer without using any more tools.\nAnswer: word word"
         else:
             text = " ".join(["word"] * (2 + words(prompt_text(prompt)) % 5))
         if self.fixed_usage:
@@ -122,7 +129,7 @@ class UsageLLM(FunctionCallingLLM):
         text, calls, usage = self._answer(prompt, kwargs)
         if self.delay:
             time.sleep(self.delay)
-        parts = [word if i == 0 else " " + word for i, word in enumerate(text.split())] or [""]
+        parts = re.findall(r"\s*\S+", text) or [""]  # a word and the white space before it
         said = ""
         for i, delta in enumerate(parts):
             said += delta

@@ -1,4 +1,5 @@
-"""A real FunctionAgent (llama-index-core's AgentWorkflow machinery) around a model that never stops calling tools:
+"""A real FunctionAgent and ReActAgent (llama-index-core's AgentWorkflow machinery) around a model that never stops
+calling tools:
 the budget stops it after exactly the calls it allows, with the denied model call never made, whether the model's
 budget or a guarded tool's runs out; guarded tools debit their toolset scope; ALLOW_WITH_CAPS caps are honoured;
 inside `cycles.run(limit=...)` the whole run draws from one hold."""
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 from cycles_llamaindex import CyclesCallbackHandler, ToolNotAllowed, guard_tool
-from llama_index.core.agent.workflow import FunctionAgent
+from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.tools import FunctionTool
 from llama_index.core.workflow import Context
@@ -19,7 +20,10 @@ from ..integrations import spent
 from .fakes import MODEL, UsageLLM
 
 # llama-index's workflow runtime inspects pydantic models' deprecated attributes on every step
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:inspect")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:inspect"),
+    pytest.mark.filterwarnings("ignore:is_running called from within a step:DeprecationWarning"),  # ReActAgent's own
+]
 
 PRICING = default_pricing()
 USAGE = {"prompt_tokens": 200, "completion_tokens": 20}
@@ -220,3 +224,64 @@ async def test_agent_inside_a_run_stops_at_the_run_limit(client: cycles.Client) 
     [r] = client.reservations()
     assert r.status == "COMMITTED" and r.committed.amount == 3 * (A + T.amount)
     assert handler.in_flight() == 0
+
+
+# ------------------------------------------------------------------------------------------------- ReActAgent
+
+
+def react_agent_for(client: cycles.Client, tools: list[Any], **llm: Any) -> tuple[ReActAgent, UsageLLM, Any]:
+    """A ReActAgent (text actions, no function calling) on a model that always asks for `search` in ReAct text."""
+    handler = CyclesCallbackHandler(client, estimate=E)
+    model = UsageLLM(react_tool="search", fixed_usage=USAGE, callback_manager=CallbackManager([handler]), **llm)
+    return ReActAgent(tools=tools, llm=model), model, handler
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["astream_chat", "achat"])
+async def test_react_agent_stops_after_exactly_the_calls_the_budget_allows(
+    client: cycles.Client, streaming: bool
+) -> None:
+    calls = 3
+    client.budgets.set("tenant:acme", cycles.usd(1))
+    client.budgets.set("tenant:acme/agent:bot", cycles.Amount(unit="USD_MICROCENTS", amount=budget_for(calls)))
+    client.budgets.set("tenant:acme/agent:bot/toolset:search", cycles.usd(1))
+    tools = Tools()
+    agent, model, handler = react_agent_for(client, [guard_tool(tools.search, estimate=T, client=client)])
+    agent.streaming = streaming
+
+    with cycles.scope(agent="bot"), pytest.raises(cycles.BudgetExceeded) as denied:
+        await run_agent(agent)
+
+    assert denied.value.scope == "tenant:acme/agent:bot"
+    assert model.calls == calls and tools.runs["search"] == calls  # the denied call never reached the provider
+    assert spent(client, "tenant:acme/agent:bot") == calls * (A + T.amount)
+    assert spent(client, "tenant:acme/agent:bot/toolset:search") == calls * T.amount
+    assert {r.status for r in client.reservations()} == {"COMMITTED"} and handler.in_flight() == 0
+
+
+async def test_react_agent_stops_at_its_next_model_call_when_a_guarded_tool_is_denied(client: cycles.Client) -> None:
+    """ReActAgent, too, turns a tool's exception into an observation and carries on: the stop comes at its next
+    model call, before that call is made."""
+    client.budgets.set("tenant:acme", cycles.usd(1))
+    client.budgets.set("tenant:acme/toolset:search", cycles.Amount(unit="USD_MICROCENTS", amount=2 * T.amount))
+    tools = Tools()
+    agent, model, handler = react_agent_for(client, [guard_tool(tools.search, estimate=T, client=client)])
+    agent.streaming = False
+
+    with pytest.raises(cycles.BudgetExceeded) as denied:
+        await run_agent(agent)
+
+    assert denied.value.scope == "tenant:acme/toolset:search"
+    assert tools.runs["search"] == 2 and model.calls == 3  # the third action was denied; no fourth model call
+    assert spent(client, "tenant:acme") == 3 * A + 2 * T.amount
+    assert client.reservations(status="ACTIVE") == [] and handler.in_flight() == 0
+
+
+async def test_react_agent_answers_when_the_budget_suffices(client: cycles.Client) -> None:
+    client.budgets.set("tenant:acme", cycles.usd(1))
+    tools = Tools()
+    agent, model, handler = react_agent_for(
+        client, [guard_tool(tools.search, estimate=T, client=client)], max_tool_calls=2
+    )
+    result = await run_agent(agent)
+    assert str(result).endswith("word word") and tools.runs["search"] == 2 and model.calls == 3
+    assert spent(client, "tenant:acme") == 3 * A + 2 * T.amount and handler.in_flight() == 0
