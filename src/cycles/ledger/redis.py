@@ -71,6 +71,8 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import itertools
+import operator
 import os
 import random
 import socket
@@ -218,10 +220,32 @@ CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every 
 CLOCK_RESAMPLE_S = 5.0
 
 
+class _Unique:
+    """Versions and tokens: unique everywhere, cheaply. A random prefix per process (drawn again in a forked child)
+    and a counter within it: no two writes anywhere get the same one, which is all a version has to be (a plain
+    counter could meet another writer's same count)."""
+
+    def __init__(self) -> None:
+        self.draw()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_unique = _Unique()
+
+
 def tag(tenant: str) -> str:
     return "{t:" + tenant + "}"
 
 
+@functools.lru_cache(maxsize=65536)  # the same keys again and again
 def _slot_of(key: str) -> str:
     return key[: key.index("}") + 1]
 
@@ -248,14 +272,27 @@ def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     return f"{record}\0{reserved}\0{spent}\0{static}"
 
 
-def _budget_fields(data: str) -> dict[str, Any]:
-    """A budget's fields, its counters as they stand (they live beside the record, moved without rewriting it)."""
-    if "\0" not in data:  # stored before the counters had fields of their own: the record holds them
-        return from_json(data)
-    record, reserved, spent, _static = data.split("\0")
-    fields = from_json(record)
-    fields["reserved"], fields["spent"] = int(reserved), int(spent)
-    return fields
+_COPY = {cls: operator.attrgetter(*_fields(cls)) for cls in (BudgetRecord, ReservationRecord, TenantRecord)}
+
+
+def _record(parsed: dict[str, tuple[str, Any]], key: str, data: str, cls: type) -> Any:
+    """A new record of `cls` from the data of `key` (a budget's counters apart from its record: they move without
+    the record changing), copied from the record parsed from the same text before when there is one."""
+    reserved = None
+    if cls is BudgetRecord and "\0" in data:
+        data, reserved, spent, _static = data.split("\0")
+    known = parsed.get(key)
+    if known is not None and known[0] == data:
+        pristine = known[1]
+    else:
+        if len(parsed) > CACHE_LIMIT:
+            parsed.clear()
+        pristine = cls(**from_json(data))
+        parsed[key] = (data, pristine)
+    record = cls(*_COPY[cls](pristine))
+    if reserved is not None:
+        record.reserved, record.spent = int(reserved), int(spent)
+    return record
 
 
 _LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
@@ -330,6 +367,18 @@ class RedisTransaction:
                 objects[k] = None if data is None else make(parse(data))
         return [objects[k] for k in keys]
 
+    def _records(self, keys: Sequence[str], cls: type) -> list[Any]:
+        """Records of `cls` for keys (None where absent), like `_load`, each built as a copy of the one this store
+        parsed from the same text before (`RedisStore.parsed`): the rules change a record's fields, never what they
+        hold (the copy shares nested dicts and lists), so a pristine parse can be copied instead of parsed again."""
+        objects = self._objects
+        need = [k for k in keys if k not in objects]
+        if need:
+            parsed = self._store.parsed
+            for k, data in zip(need, self._get(need), strict=True):
+                objects[k] = None if data is None else _record(parsed, k, data, cls)
+        return [objects[k] for k in keys]
+
     def _put(self, key: str, value: Any, names: tuple[str, ...] | None, *, observed: bool = False) -> None:
         """Write a record (its fields `names`) or plain JSON data (names None) at commit."""
         self._writes.pop(key, None)  # re-inserted: the order of last writes picks the operation's own slot
@@ -384,27 +433,32 @@ class RedisTransaction:
 
         read = self._read
         moves = self._moves
+        writes = self._writes
         for key, (version, _data) in read.items():
             if key not in moves:  # a moved budget is checked by its move's condition instead
                 part(key).checks.append((key, version))
-        for key in self._writes.keys() | self._inserted:
-            if key not in read:  # written without being read: it must not exist yet
+        for key in self._inserted:
+            if key not in read:  # inserted without being read: it must not exist yet
                 part(key).checks.append((key, "0"))
-        for key, (value, names) in self._writes.items():
+        for key, (value, names) in writes.items():
+            target = part(key)
+            if key not in read and key not in self._inserted:  # written without being read: likewise
+                target.checks.append((key, "0"))
             data = self._data(key)
             if names is _BUDGET:
                 record = data[: data.index("\0")]
                 counters = (str(value.reserved), str(value.spent), str(value.remaining))
-                part(key).ops.append(("B", key, self._version(key), record, *counters))
+                target.ops.append(("B", key, self._version(key), record, *counters))
             else:
-                part(key).ops.append(("P", key, self._version(key), data))
+                target.ops.append(("P", key, self._version(key), data))
         for op in self._index:
             part(op[1]).ops.append(op)
+        tokens = self._tokens
         for key, (reserved, spent) in moves.items():
             static = read[key][1].rsplit("\0", 1)[1]  # type: ignore[union-attr]
             drop = reserved + spent
             deltas = (str(reserved), str(spent), str(-drop), str(drop), "1" if drop > 0 else "0")
-            part(key).moves.append((key, static, self._tokens[key], *deltas))
+            part(key).moves.append((key, static, tokens[key], *deltas))
         return parts
 
     def _settle_moves(self) -> None:
@@ -422,7 +476,7 @@ class RedisTransaction:
                 del self._moves[key]
                 self._writes[key] = (b, _BUDGET)
             else:  # the version the script gives it: unique, and foreseeable by the later transactions of a batch
-                self._tokens[key] = token = os.urandom(8).hex()
+                self._tokens[key] = token = _unique()
                 self._versions[key] = hashlib.sha1((version + token).encode()).hexdigest()
 
     def _commit(self, *, check_only: bool) -> None:
@@ -491,11 +545,11 @@ class RedisTransaction:
             self._remember_written()
 
     def _version(self, key: str) -> str:
-        """The version this transaction's write gives `key`: unique (random), so a version seen twice is the same
-        write, whoever else wrote the record meanwhile (a counter could meet another writer's same count)."""
+        """The version this transaction's write gives `key`: unique (`_unique`), so a version seen twice is the same
+        write, whoever else wrote the record meanwhile."""
         version = self._versions.get(key)
         if version is None:
-            version = self._versions[key] = os.urandom(8).hex()
+            version = self._versions[key] = _unique()
         return version
 
     def _data(self, key: str) -> str:
@@ -538,7 +592,7 @@ class RedisTransaction:
 
     # ---------------------------------------------------------------------------------------------------- tenants
     def get_tenant(self, tenant_id: str) -> TenantRecord | None:
-        return self._load([tag(tenant_id) + ":tenant"], lambda d: TenantRecord(**d))[0]
+        return self._records([tag(tenant_id) + ":tenant"], TenantRecord)[0]
 
     def put_tenant(self, t: TenantRecord) -> None:
         self._put(tag(t.tenant_id) + ":tenant", t, _TENANT)
@@ -552,7 +606,7 @@ class RedisTransaction:
         found: list[TenantRecord] = []
         for start in range(0, len(names), 200):
             chunk = names[start : start + 200]
-            records = self._load([tag(n) + ":tenant" for n in chunk], lambda d: TenantRecord(**d))
+            records = self._records([tag(n) + ":tenant" for n in chunk], TenantRecord)
             found += [t for t in records if t is not None]
             if len(found) >= limit:
                 break
@@ -565,7 +619,7 @@ class RedisTransaction:
         return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
 
     def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
-        found = self._load([self._budget_key(unit, s) for s in scopes], lambda d: BudgetRecord(**d), _budget_fields)
+        found = self._records([self._budget_key(unit, s) for s in scopes], BudgetRecord)
         return [b for b in found if b is not None]
 
     def _index_members(self, tenants: Iterable[str], index: str) -> list[tuple[str, str]]:
@@ -642,7 +696,7 @@ class RedisTransaction:
             rows.append((s, u))
         rows.sort()
         keys = [self._budget_key(u, s) for s, u in rows[:limit]]
-        found = self._load(keys, lambda d: BudgetRecord(**d), _budget_fields)
+        found = self._records(keys, BudgetRecord)
         return [b for b in found if b is not None and (tenant_id is None or b.tenant_id == tenant_id)]
 
     # ----------------------------------------------------------------------------------------------- reservations
@@ -659,7 +713,7 @@ class RedisTransaction:
 
     def _reservations(self, tenant: str, ids: Sequence[str]) -> list[ReservationRecord]:
         t = tag(tenant)
-        found = self._load([f"{t}:r:{i}" for i in ids], lambda d: ReservationRecord(**d))
+        found = self._records([f"{t}:r:{i}" for i in ids], ReservationRecord)
         return [r for r in found if r is not None]
 
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
@@ -1400,6 +1454,7 @@ class RedisStore:
         self.url = url
         self.cluster = type(client).__name__ == "RedisCluster"
         self.cache: dict[str, tuple[str, str | None]] = {}
+        self.parsed: dict[str, tuple[str, Any]] = {}  # key -> (JSON, the record parsed from it): see _records
         self.pointers: dict[str, str] = {}
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
         self.open_batch: _Batch | None = None
