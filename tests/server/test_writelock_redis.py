@@ -164,3 +164,11 @@ def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, redi
         assert reserved(redis_url) == 200  # warm and k1, once
 
     asyncio.run(main())
+
+
+def test_a_store_serves_one_event_loop_after_another(ledgers, redis_url) -> None:
+    a, _b = ledgers
+    for key in ("k1", "k2"):  # each asyncio.run is a new loop: the store opens a connection on each
+        lock = lock_for(a)
+        asyncio.run(lock.run(lambda key=key: reserve(a, key)))
+    assert reserved(redis_url) == 200

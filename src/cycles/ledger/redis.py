@@ -263,8 +263,13 @@ _BUDGET, _RES, _TENANT, _KEY, _EVENT, _POLICY = map(
 )
 
 
+@functools.cache  # one per record type (each has several fields: a tuple)
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    return operator.attrgetter(*names)  # type: ignore[return-value]
+
+
 def _dump(obj: Any, names: tuple[str, ...]) -> str:
-    return to_json({n: getattr(obj, n) for n in names}).decode()
+    return to_json(dict(zip(names, _getter(names)(obj), strict=True))).decode()
 
 
 def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
@@ -272,7 +277,7 @@ def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     return f"{record}\0{reserved}\0{spent}\0{static}"
 
 
-_COPY = {cls: operator.attrgetter(*_fields(cls)) for cls in (BudgetRecord, ReservationRecord, TenantRecord)}
+_COPY = {cls: _getter(_fields(cls)) for cls in (BudgetRecord, ReservationRecord, TenantRecord)}
 
 
 def _record(parsed: dict[str, tuple[str, Any]], key: str, data: str, cls: type) -> Any:
@@ -1505,8 +1510,8 @@ class RedisStore:
     def wire(self) -> _Wire | None:
         """This process's connection for deferred batches on the running event loop, opened on first use (None: a
         cluster or a connection it does not speak, TLS; those batches are sent by redis-py, waited for)."""
-        wire = self._wire
-        if wire is not None and not wire.closed and wire.pid == os.getpid():
+        wire, loop = self._wire, asyncio.get_running_loop()
+        if wire is not None and not wire.closed and wire.loop is loop and wire.pid == os.getpid():
             return wire
         pool = getattr(self.redis, "connection_pool", None)
         if (
@@ -1515,7 +1520,9 @@ class RedisStore:
             or pool.connection_class not in (redis.Connection, redis.UnixDomainSocketConnection)
         ):
             return None
-        self._wire = wire = _Wire(asyncio.get_running_loop(), pool.connection_kwargs)
+        if wire is not None:  # (another event loop's, or a closed one)
+            wire.close()
+        self._wire = wire = _Wire(loop, pool.connection_kwargs)
         return wire
 
     def close(self) -> None:
