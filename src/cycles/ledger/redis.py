@@ -277,7 +277,7 @@ def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     return f"{record}\0{reserved}\0{spent}\0{static}"
 
 
-_COPY = {cls: _getter(_fields(cls)) for cls in (BudgetRecord, ReservationRecord, TenantRecord)}
+_COPY = {cls: _getter(_fields(cls)) for cls in (BudgetRecord, TenantRecord)}
 
 
 def _record(parsed: dict[str, tuple[str, Any]], key: str, data: str, cls: type) -> Any:
@@ -373,9 +373,10 @@ class RedisTransaction:
         return [objects[k] for k in keys]
 
     def _records(self, keys: Sequence[str], cls: type) -> list[Any]:
-        """Records of `cls` for keys (None where absent), like `_load`, each built as a copy of the one this store
-        parsed from the same text before (`RedisStore.parsed`): the rules change a record's fields, never what they
-        hold (the copy shares nested dicts and lists), so a pristine parse can be copied instead of parsed again."""
+        """Records of `cls` (budgets, tenants: read by nearly every operation) for keys (None where absent), like
+        `_load`, each built as a copy of the one this store parsed from the same text before (`RedisStore.parsed`):
+        the rules change a record's fields, never what they hold (the copy shares nested dicts and lists), so a
+        pristine parse can be copied instead of parsed again."""
         objects = self._objects
         need = [k for k in keys if k not in objects]
         if need:
@@ -718,7 +719,7 @@ class RedisTransaction:
 
     def _reservations(self, tenant: str, ids: Sequence[str]) -> list[ReservationRecord]:
         t = tag(tenant)
-        found = self._records([f"{t}:r:{i}" for i in ids], ReservationRecord)
+        found = self._load([f"{t}:r:{i}" for i in ids], lambda d: ReservationRecord(**d))  # read once: not kept
         return [r for r in found if r is not None]
 
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
