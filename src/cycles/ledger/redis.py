@@ -84,7 +84,7 @@ from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from ..errors import InvalidRequest, StoreUnavailable
+from ..errors import CyclesError, InvalidRequest, StoreUnavailable
 from .store import (
     ApiKeyRecord,
     AuditFilter,
@@ -1652,8 +1652,6 @@ class _Atomic:
         return self._tx
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        from ..errors import CyclesError
-
         if exc_type is None:
             self._tx._commit(check_only=False)
         elif issubclass(exc_type, CyclesError) and not isinstance(exc, StoreUnavailable):
