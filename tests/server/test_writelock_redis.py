@@ -172,3 +172,31 @@ def test_a_store_serves_one_event_loop_after_another(ledgers, redis_url) -> None
         lock = lock_for(a)
         asyncio.run(lock.run(lambda key=key: reserve(a, key)))
     assert reserved(redis_url) == 200
+
+
+def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(redis_cluster_url, clock) -> None:
+    """A store without a connection of the loop's (a cluster: redis-py routes each script to its node) sends each
+    batch at its end, waited for; a call that fails there is run again all the same."""
+    stores = [open_redis(redis_cluster_url), open_redis(redis_cluster_url)]
+    a, b = Ledger(stores[0], clock=clock), Ledger(stores[1], clock=clock)
+    try:
+        b.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
+        lock = lock_for(a)
+        ran: list[str] = []
+
+        def work(name: str, key: str) -> Any:
+            ran.append(name)
+            return reserve(a, key)
+
+        async def main() -> None:
+            await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
+            b.admin.freeze("tenant:acme", USD, tenant="acme")  # another process writes it: a's copy is stale
+            b.admin.unfreeze("tenant:acme", USD, tenant="acme")
+            await asyncio.wait_for(lock.run(lambda: work("first", "k1")), 60)  # (a hang guard, not a timing)
+
+        asyncio.run(main())
+        assert ran == ["first", "first"]  # failed at Redis, ran again
+        assert b.balances({"tenant": "acme"}, tenant="acme").balances[0].reserved.amount == 200
+    finally:
+        for s in stores:
+            s.close()

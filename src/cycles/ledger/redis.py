@@ -1350,10 +1350,14 @@ class _Batch:
             self.abandon()
             return None
         store = self.store
-        wire = store.wire()
-        if wire is None:
-            self.flush()
-            return None
+        try:
+            wire = store.wire()
+            if wire is None:
+                self.flush()
+                return None
+        except BaseException:
+            self.abandon()  # its turn goes back
+            raise
         trip = _Trip([plan for _work, plan in self.plans])
         commands: list[tuple[Any, ...]] = []
         tenants = sorted(trip.tenants - store._indexed)
@@ -1363,8 +1367,12 @@ class _Batch:
             commands.append(trip.mset())
         first = len(commands)
         commands += trip.scripts(store)
-        with store.errors():
-            replies = wire.send(commands)
+        try:
+            with store.errors():
+                replies = wire.send(commands)
+        except BaseException:
+            self.abandon()
+            raise
         pending = store.pending
         for key, seen in self.overlay.items():
             pending[key] = (seen, self)

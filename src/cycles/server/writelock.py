@@ -208,18 +208,6 @@ class WriteLock:
             raise
         else:
             self._settled(batch, outcomes, together)
-        if self._parked and not self._flying:
-            parked, self._parked = self._parked, []
-            for batch, outcomes, together in parked:
-                failure: Exception | None = None
-                try:
-                    _run_failed(batch, outcomes, together)
-                except Exception as exc:
-                    failure = exc
-                except BaseException:
-                    self._answer(batch, {}, asyncio.CancelledError())
-                    raise
-                self._answer(batch, outcomes, failure)
         self._next(asyncio.get_running_loop())
 
     def _settled(
@@ -232,6 +220,18 @@ class WriteLock:
             self._parked.append((batch, outcomes, together))
         else:
             self._answer(batch, outcomes, None)
+        if self._parked and not self._flying:
+            parked, self._parked = self._parked, []
+            for batch, outcomes, together in parked:
+                failure: Exception | None = None
+                try:
+                    _run_failed(batch, outcomes, together)
+                except Exception as exc:
+                    failure = exc
+                except BaseException:
+                    self._answer(batch, {}, asyncio.CancelledError())
+                    raise
+                self._answer(batch, outcomes, failure)
 
     def _next(self, loop: asyncio.AbstractEventLoop) -> None:
         """The calls that arrived meanwhile: the next batch, once one may go (in this loop iteration, after the
