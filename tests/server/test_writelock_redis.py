@@ -200,3 +200,12 @@ def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(re
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_deferred_batch_without_an_event_loop_is_sent_at_once(ledgers, redis_url) -> None:
+    a, _b = ledgers
+    with a.store.batch(deferred=True) as batch:
+        batch.current = "k1"
+        reserve(a, "k1")
+    assert batch.send() is None  # nothing to drive a connection: sent and settled here
+    assert batch.failed == set() and reserved(redis_url) == 100

@@ -1313,11 +1313,11 @@ class _Batch:
     that read its writes fails too, and nothing else. The caller tags each piece of work (`current`) and runs again,
     on its own, each one listed in `failed` afterwards.
 
-    A deferred batch (`store.batch(deferred=True)`, the server's) is sent by its caller instead (`send`: on the
-    store's one sender thread, so batches reach Redis in the order they were sent) and settled once its answers are
-    back (`settle`, or `abandon` when the round trip failed). Until then its writes stay readable to the batches that
-    come after it (`store.pending`), exactly as to its own later transactions: the next batch can run while this one
-    is on its way, and what it read is checked like anything else."""
+    A deferred batch (`store.batch(deferred=True)`, the server's) is sent by its caller instead (`send`: written on
+    the store's one connection of the event loop, so batches reach Redis in the order they were sent) and settled
+    once its answers are back (`settle`, or `abandon` when the round trip failed). Until then its writes stay
+    readable to the batches that come after it (`store.pending`), exactly as to its own later transactions: the next
+    batch can run while this one is on its way, and what it read is checked like anything else."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
@@ -1512,14 +1512,19 @@ class RedisStore:
         one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
         the batch may fail at the end on its own (`batch.failed`), and is then run again by itself.
 
-        `deferred`: nothing is sent at the end; the caller sends it (`batch.send()`, on the sender thread) and
-        settles it (see _Batch)."""
+        `deferred`: nothing is sent at the end; the caller sends it (`batch.send()`, from the running event loop)
+        and settles it (see _Batch)."""
         return _BatchScope(self, turn=self.hot_slots(), deferred=deferred)
 
     def wire(self) -> _Wire | None:
-        """This process's connection for deferred batches on the running event loop, opened on first use (None: a
-        cluster or a connection it does not speak, TLS; those batches are sent by redis-py, waited for)."""
-        wire, loop = self._wire, asyncio.get_running_loop()
+        """This process's connection for deferred batches on the running event loop, opened on first use (None: no
+        running loop, a cluster, or a connection it does not speak, TLS; those batches are sent by redis-py, waited
+        for)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: nothing to drive a connection
+            return None
+        wire = self._wire
         if wire is not None and not wire.closed and wire.loop is loop and wire.pid == os.getpid():
             return wire
         pool = getattr(self.redis, "connection_pool", None)
