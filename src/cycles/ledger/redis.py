@@ -37,10 +37,14 @@ they only move (see `_settle_moves`), so two processes reserving against one bud
 it runs out. A move to zero or below, a debt, or a budget written whole checks the exact version as before.
 
 The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, one
-script per slot running each call's part in order, all in one pipeline, so a round trip is shared by the whole
-batch; a call whose records another process changed fails alone (with the later calls that read its writes) and
-runs again. Under contention a store takes the slot's *turn* (`take_turn`: a short-lived key every commit script of
-that slot checks), so that two busy processes take turns instead of failing each other forever.
+script per slot running each call's part in order, after one MSET of the batch's pointers, all in one pipeline, so
+a round trip is shared by the whole batch; a call whose records another process changed fails alone (with the later
+calls that read its writes) and runs again. The server's batches are deferred: written on a connection the event
+loop drives (`_Wire`) instead of waited for in redis-py, so the loop goes on serving requests meanwhile and runs
+the next batch, which reads what the batch on its way wrote as its scripts will leave it (`pending`; checked like
+any read, so a guess that did not land only fails the calls that relied on it). Under contention a store takes the
+slot's *turn* (`take_turn`: a short-lived key every commit script of that slot checks), so that two busy processes
+take turns instead of failing each other forever.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
 first): each tenant's writes then commit in their own slot's script, the operation's own tenant (the last
@@ -63,19 +67,24 @@ walking every tenant's TTL index; both fit thousands of records per tenant, not 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
+import itertools
+import operator
 import os
 import random
+import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from ..errors import InvalidRequest, StoreUnavailable
+from ..errors import CyclesError, InvalidRequest, StoreUnavailable
 from .store import (
     ApiKeyRecord,
     AuditFilter,
@@ -211,10 +220,32 @@ CACHE_LIMIT = 50_000  # records remembered; past it, start over (a cache: every 
 CLOCK_RESAMPLE_S = 5.0
 
 
+class _Unique:
+    """Versions and tokens: unique everywhere, cheaply. A random prefix per process (drawn again in a forked child)
+    and a counter within it: no two writes anywhere get the same one, which is all a version has to be (a plain
+    counter could meet another writer's same count)."""
+
+    def __init__(self) -> None:
+        self.draw()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        self.prefix = os.urandom(6).hex()
+        self.count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_unique = _Unique()
+
+
 def tag(tenant: str) -> str:
     return "{t:" + tenant + "}"
 
 
+@functools.lru_cache(maxsize=65536)  # the same keys again and again
 def _slot_of(key: str) -> str:
     return key[: key.index("}") + 1]
 
@@ -232,8 +263,13 @@ _BUDGET, _RES, _TENANT, _KEY, _EVENT, _POLICY = map(
 )
 
 
+@functools.cache  # one per record type (each has several fields: a tuple)
+def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    return operator.attrgetter(*names)  # type: ignore[return-value]
+
+
 def _dump(obj: Any, names: tuple[str, ...]) -> str:
-    return to_json({n: getattr(obj, n) for n in names}).decode()
+    return to_json(dict(zip(names, _getter(names)(obj), strict=True))).decode()
 
 
 def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
@@ -241,14 +277,27 @@ def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     return f"{record}\0{reserved}\0{spent}\0{static}"
 
 
-def _budget_fields(data: str) -> dict[str, Any]:
-    """A budget's fields, its counters as they stand (they live beside the record, moved without rewriting it)."""
-    if "\0" not in data:  # stored before the counters had fields of their own: the record holds them
-        return from_json(data)
-    record, reserved, spent, _static = data.split("\0")
-    fields = from_json(record)
-    fields["reserved"], fields["spent"] = int(reserved), int(spent)
-    return fields
+_COPY = {cls: _getter(_fields(cls)) for cls in (BudgetRecord, TenantRecord)}
+
+
+def _record(parsed: dict[str, tuple[str, Any]], key: str, data: str, cls: type) -> Any:
+    """A new record of `cls` from the data of `key` (a budget's counters apart from its record: they move without
+    the record changing), copied from the record parsed from the same text before when there is one."""
+    reserved = None
+    if cls is BudgetRecord and "\0" in data:
+        data, reserved, spent, _static = data.split("\0")
+    known = parsed.get(key)
+    if known is not None and known[0] == data:
+        pristine = known[1]
+    else:
+        if len(parsed) > CACHE_LIMIT:
+            parsed.clear()
+        pristine = cls(**from_json(data))
+        parsed[key] = (data, pristine)
+    record = cls(*_COPY[cls](pristine))
+    if reserved is not None:
+        record.reserved, record.spent = int(reserved), int(spent)
+    return record
 
 
 _LEVELS = ("workspace", "app", "workflow", "agent", "toolset")
@@ -286,11 +335,16 @@ class RedisTransaction:
         """The data of each key (None: absent), as first seen by this transaction."""
         cache = self._store.cache
         batch = self._batch
-        if batch is not None:  # what earlier transactions of this batch wrote, as it will be once they commit
+        if batch is not None:  # what earlier transactions of this batch (or batches on their way) wrote, as it will be
+            overlay, pending = batch.overlay, self._store.pending
             for k in keys:
-                if k not in self._read and k in batch.overlay:
-                    self._read[k] = batch.overlay[k]
-                    self._cached = True
+                if k not in self._read:
+                    seen = overlay.get(k)
+                    if seen is None and k in pending:
+                        seen = pending[k][0]
+                    if seen is not None:
+                        self._read[k] = seen
+                        self._cached = True
         missing = [k for k in keys if k not in self._read and k not in cache]
         if missing:
             with self._store.errors():
@@ -316,6 +370,19 @@ class RedisTransaction:
         if need:
             for k, data in zip(need, self._get(need), strict=True):
                 objects[k] = None if data is None else make(parse(data))
+        return [objects[k] for k in keys]
+
+    def _records(self, keys: Sequence[str], cls: type) -> list[Any]:
+        """Records of `cls` (budgets, tenants: read by nearly every operation) for keys (None where absent), like
+        `_load`, each built as a copy of the one this store parsed from the same text before (`RedisStore.parsed`):
+        the rules change a record's fields, never what they hold (the copy shares nested dicts and lists), so a
+        pristine parse can be copied instead of parsed again."""
+        objects = self._objects
+        need = [k for k in keys if k not in objects]
+        if need:
+            parsed = self._store.parsed
+            for k, data in zip(need, self._get(need), strict=True):
+                objects[k] = None if data is None else _record(parsed, k, data, cls)
         return [objects[k] for k in keys]
 
     def _put(self, key: str, value: Any, names: tuple[str, ...] | None, *, observed: bool = False) -> None:
@@ -372,27 +439,32 @@ class RedisTransaction:
 
         read = self._read
         moves = self._moves
+        writes = self._writes
         for key, (version, _data) in read.items():
             if key not in moves:  # a moved budget is checked by its move's condition instead
                 part(key).checks.append((key, version))
-        for key in self._writes.keys() | self._inserted:
-            if key not in read:  # written without being read: it must not exist yet
+        for key in self._inserted:
+            if key not in read:  # inserted without being read: it must not exist yet
                 part(key).checks.append((key, "0"))
-        for key, (value, names) in self._writes.items():
+        for key, (value, names) in writes.items():
+            target = part(key)
+            if key not in read and key not in self._inserted:  # written without being read: likewise
+                target.checks.append((key, "0"))
             data = self._data(key)
             if names is _BUDGET:
                 record = data[: data.index("\0")]
                 counters = (str(value.reserved), str(value.spent), str(value.remaining))
-                part(key).ops.append(("B", key, self._version(key), record, *counters))
+                target.ops.append(("B", key, self._version(key), record, *counters))
             else:
-                part(key).ops.append(("P", key, self._version(key), data))
+                target.ops.append(("P", key, self._version(key), data))
         for op in self._index:
             part(op[1]).ops.append(op)
+        tokens = self._tokens
         for key, (reserved, spent) in moves.items():
             static = read[key][1].rsplit("\0", 1)[1]  # type: ignore[union-attr]
             drop = reserved + spent
             deltas = (str(reserved), str(spent), str(-drop), str(drop), "1" if drop > 0 else "0")
-            part(key).moves.append((key, static, self._tokens[key], *deltas))
+            part(key).moves.append((key, static, tokens[key], *deltas))
         return parts
 
     def _settle_moves(self) -> None:
@@ -410,7 +482,7 @@ class RedisTransaction:
                 del self._moves[key]
                 self._writes[key] = (b, _BUDGET)
             else:  # the version the script gives it: unique, and foreseeable by the later transactions of a batch
-                self._tokens[key] = token = os.urandom(8).hex()
+                self._tokens[key] = token = _unique()
                 self._versions[key] = hashlib.sha1((version + token).encode()).hexdigest()
 
     def _commit(self, *, check_only: bool) -> None:
@@ -479,11 +551,11 @@ class RedisTransaction:
             self._remember_written()
 
     def _version(self, key: str) -> str:
-        """The version this transaction's write gives `key`: unique (random), so a version seen twice is the same
-        write, whoever else wrote the record meanwhile (a counter could meet another writer's same count)."""
+        """The version this transaction's write gives `key`: unique (`_unique`), so a version seen twice is the same
+        write, whoever else wrote the record meanwhile."""
         version = self._versions.get(key)
         if version is None:
-            version = self._versions[key] = os.urandom(8).hex()
+            version = self._versions[key] = _unique()
         return version
 
     def _data(self, key: str) -> str:
@@ -526,7 +598,7 @@ class RedisTransaction:
 
     # ---------------------------------------------------------------------------------------------------- tenants
     def get_tenant(self, tenant_id: str) -> TenantRecord | None:
-        return self._load([tag(tenant_id) + ":tenant"], lambda d: TenantRecord(**d))[0]
+        return self._records([tag(tenant_id) + ":tenant"], TenantRecord)[0]
 
     def put_tenant(self, t: TenantRecord) -> None:
         self._put(tag(t.tenant_id) + ":tenant", t, _TENANT)
@@ -540,7 +612,7 @@ class RedisTransaction:
         found: list[TenantRecord] = []
         for start in range(0, len(names), 200):
             chunk = names[start : start + 200]
-            records = self._load([tag(n) + ":tenant" for n in chunk], lambda d: TenantRecord(**d))
+            records = self._records([tag(n) + ":tenant" for n in chunk], TenantRecord)
             found += [t for t in records if t is not None]
             if len(found) >= limit:
                 break
@@ -553,7 +625,7 @@ class RedisTransaction:
         return f"{tag(_tenant_of_scope(scope))}:b:{unit}:{scope}"
 
     def get_budgets(self, unit: str, scopes: Sequence[str]) -> list[BudgetRecord]:
-        found = self._load([self._budget_key(unit, s) for s in scopes], lambda d: BudgetRecord(**d), _budget_fields)
+        found = self._records([self._budget_key(unit, s) for s in scopes], BudgetRecord)
         return [b for b in found if b is not None]
 
     def _index_members(self, tenants: Iterable[str], index: str) -> list[tuple[str, str]]:
@@ -630,7 +702,7 @@ class RedisTransaction:
             rows.append((s, u))
         rows.sort()
         keys = [self._budget_key(u, s) for s, u in rows[:limit]]
-        found = self._load(keys, lambda d: BudgetRecord(**d), _budget_fields)
+        found = self._records(keys, BudgetRecord)
         return [b for b in found if b is not None and (tenant_id is None or b.tenant_id == tenant_id)]
 
     # ----------------------------------------------------------------------------------------------- reservations
@@ -647,7 +719,7 @@ class RedisTransaction:
 
     def _reservations(self, tenant: str, ids: Sequence[str]) -> list[ReservationRecord]:
         t = tag(tenant)
-        found = self._load([f"{t}:r:{i}" for i in ids], lambda d: ReservationRecord(**d))
+        found = self._load([f"{t}:r:{i}" for i in ids], lambda d: ReservationRecord(**d))  # read once: not kept
         return [r for r in found if r is not None]
 
     def get_reservation(self, reservation_id: str) -> ReservationRecord | None:
@@ -1124,45 +1196,84 @@ class _Plan:
     followers: dict[str, _Part] = dataclasses.field(default_factory=dict)  # sent once `parts` committed
 
 
+class _Trip:
+    """One round trip for plans: their pointers (set first), then one script per slot running that slot's parts of
+    every plan in order; `read` turns the scripts' replies into each plan's answer per slot."""
+
+    __slots__ = ("plans", "pointers", "tenants", "slots", "calls")
+
+    def __init__(self, plans: list[_Plan]) -> None:
+        self.plans = plans
+        self.pointers: dict[str, str] = {}
+        self.tenants: set[str] = set()  # tenants written (the tenant index must name them)
+        self.slots: dict[str, list[tuple[int, _Part]]] = {}
+        for n, plan in enumerate(plans):
+            self.pointers.update(plan.tx._pointers)
+            for slot, part in plan.parts.items():
+                self.slots.setdefault(slot, []).append((n, part))
+                if part.ops:
+                    self.tenants.add(slot[3:-1])
+        self.calls: list[tuple[str, list[str], str]] = []  # (slot, keys, payload)
+        for slot, parts in self.slots.items():
+            keys: dict[str, int] = {slot + ":turn": 1}
+
+            def at(key: str, keys: dict[str, int] = keys) -> int:
+                return keys.setdefault(key, len(keys) + 1)
+
+            payload = [
+                [
+                    [x for key, version in part.checks for x in (at(key), version)],
+                    [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
+                    [x for move in part.moves for x in (at(move[0]), *move[1:])],
+                ]
+                for _n, part in parts
+            ]
+            self.calls.append((slot, list(keys), to_json(payload).decode()))
+
+    def mset(self) -> tuple[str, ...]:
+        """The pointers as one command (a standalone Redis: on one connection, it runs before the scripts)."""
+        return ("MSET", *[x for pointer_value in self.pointers.items() for x in pointer_value])
+
+    def scripts(self, store: RedisStore) -> list[tuple[Any, ...]]:
+        return [
+            ("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner) for _s, keys, payload in self.calls
+        ]
+
+    def read(self, store: RedisStore, results: Sequence[Any]) -> list[dict[str, Any]]:
+        for pointer, value in self.pointers.items():
+            store.remember_pointer(pointer, value)
+        plans, slots = self.plans, self.slots
+        answers: list[dict[str, Any]] = [{} for _ in plans]
+        for (slot, _keys, _payload), result in zip(self.calls, results, strict=True):
+            result = from_json(result)
+            for n, _part in slots[slot]:
+                answers[n][slot] = TURN if result == "turn" else None
+            if result != "turn":
+                for (n, _part), answer in zip(slots[slot], result, strict=True):
+                    if answer and answer[0] == 0:  # committed, with what its moves left (others' moves included)
+                        landed = plans[n].tx._landed
+                        for i in range(1, len(answer), 4):
+                            landed[answer[i]] = (answer[i + 1], answer[i + 2], answer[i + 3])
+                        answer = None
+                    answers[n][slot] = answer or None
+        return answers
+
+
 def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
     """Every plan's pointers, then one script per slot running that slot's parts of every plan in order, all in one
     round trip; for each plan, its answer per slot."""
-    pointers: dict[str, str] = {}
-    tenants: set[str] = set()
-    slots: dict[str, list[tuple[int, _Part]]] = {}
-    for n, plan in enumerate(plans):
-        pointers.update(plan.tx._pointers)
-        for slot, part in plan.parts.items():
-            slots.setdefault(slot, []).append((n, part))
-            if part.ops:
-                tenants.add(slot[3:-1])
-    store.index_tenants(tenants)
-    calls = []
-    for slot, parts in slots.items():
-        keys: dict[str, int] = {slot + ":turn": 1}
-
-        def at(key: str, keys: dict[str, int] = keys) -> int:
-            return keys.setdefault(key, len(keys) + 1)
-
-        payload = [
-            [
-                [x for key, version in part.checks for x in (at(key), version)],
-                [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
-                [x for move in part.moves for x in (at(move[0]), *move[1:])],
-            ]
-            for _n, part in parts
-        ]
-        calls.append((slot, list(keys), to_json(payload).decode()))
+    trip = _Trip(plans)
+    store.index_tenants(trip.tenants)
+    pointers = trip.pointers
     for attempt in (1, 2):
         pipe = store.redis.pipeline(transaction=False)
         if pointers and store.cluster:  # each in its own slot: set (and answered) before any script runs
             store.set_pointers(pointers)
         elif pointers:  # one connection runs a pipeline in order: the pointers first, in the same round trip
-            for pointer, value in pointers.items():
-                pipe.set(pointer, value)
-        for _slot, keys, payload in calls:
+            pipe.execute_command(*trip.mset())
+        for command in trip.scripts(store):
             # (a cluster pipeline refuses .evalsha, yet routes EVALSHA by its keys)
-            pipe.execute_command("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner)
+            pipe.execute_command(*command)
         try:
             results = pipe.execute()
             break
@@ -1171,23 +1282,8 @@ def _send(plans: list[_Plan], store: RedisStore) -> list[dict[str, Any]]:
                 raise
             store.load_scripts()
     if pointers and not store.cluster:
-        results = results[len(pointers) :]
-    for pointer, value in pointers.items():
-        store.remember_pointer(pointer, value)
-    answers: list[dict[str, Any]] = [{} for _ in plans]
-    for (slot, _keys, _payload), result in zip(calls, results, strict=True):
-        result = from_json(result)
-        for n, _part in slots[slot]:
-            answers[n][slot] = TURN if result == "turn" else None
-        if result != "turn":
-            for (n, _part), answer in zip(slots[slot], result, strict=True):
-                if answer and answer[0] == 0:  # committed, with what its moves left (others' moves included)
-                    landed = plans[n].tx._landed
-                    for i in range(1, len(answer), 4):
-                        landed[answer[i]] = (answer[i + 1], answer[i + 2], answer[i + 3])
-                    answer = None
-                answers[n][slot] = answer or None
-    return answers
+        results = results[1:]
+    return trip.read(store, results)
 
 
 def _send_followers(plans: list[_Plan], store: RedisStore) -> None:
@@ -1215,7 +1311,13 @@ class _Batch:
     round trip for all. A transaction reads what earlier ones of the batch wrote (`overlay`, with the versions their
     scripts will give it), so each script checks against its predecessors' writes: when one fails, every later one
     that read its writes fails too, and nothing else. The caller tags each piece of work (`current`) and runs again,
-    on its own, each one listed in `failed` afterwards."""
+    on its own, each one listed in `failed` afterwards.
+
+    A deferred batch (`store.batch(deferred=True)`, the server's) is sent by its caller instead (`send`: written on
+    the store's one connection of the event loop, so batches reach Redis in the order they were sent) and settled
+    once its answers are back (`settle`, or `abandon` when the round trip failed). Until then its writes stay
+    readable to the batches that come after it (`store.pending`), exactly as to its own later transactions: the next
+    batch can run while this one is on its way, and what it read is checked like anything else."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
@@ -1225,6 +1327,7 @@ class _Batch:
         self.current: Any = None
         self.failed: set[Any] = set()
         self.contended: set[str] = set()  # slots where the failed ones met changes
+        self.give_back: Callable[[], None] | None = None  # a deferred batch's turn, given back once it is settled
 
     def add(self, plan: _Plan) -> None:
         self.plans.append((self.current, plan))
@@ -1234,25 +1337,96 @@ class _Batch:
                 self.overlay[key] = (tx._version(key), tx._data(key))
 
     def flush(self) -> None:
+        if self.plans:
+            with self.store.errors():
+                answers = _send([plan for _work, plan in self.plans], self.store)
+            self.settle(answers)
+
+    def send(self) -> asyncio.Future[list[dict[str, Any]]] | None:
+        """A deferred batch's round trip, written on the store's connection of the running event loop (`_Wire`): a
+        future of its answers, which the caller settles it with. None when there is nothing to send, or when the
+        store has no such connection (a cluster, TLS): then the batch was sent and settled here, waited for."""
         if not self.plans:
-            return
-        plans = [plan for _work, plan in self.plans]
-        with self.store.errors():
-            answers = _send(plans, self.store)
-        committed = []
-        for (work, plan), results in zip(self.plans, answers, strict=True):
+            self.abandon()
+            return None
+        store = self.store
+        try:
+            wire = store.wire()
+            if wire is None:
+                self.flush()
+                return None
+        except BaseException:
+            self.abandon()  # its turn goes back
+            raise
+        trip = _Trip([plan for _work, plan in self.plans])
+        commands: list[tuple[Any, ...]] = []
+        tenants = sorted(trip.tenants - store._indexed)
+        if tenants:
+            commands.append(("ZADD", TENANTS, *[x for t in tenants for x in ("0", t)]))
+        if trip.pointers:
+            commands.append(trip.mset())
+        first = len(commands)
+        commands += trip.scripts(store)
+        try:
+            with store.errors():
+                replies = wire.send(commands)
+        except BaseException:
+            self.abandon()
+            raise
+        pending = store.pending
+        for key, seen in self.overlay.items():
+            pending[key] = (seen, self)
+        answers: asyncio.Future[list[dict[str, Any]]] = replies.get_loop().create_future()
+
+        def read(replies: asyncio.Future[list[Any]]) -> None:
             try:
-                plan.tx._settle(plan, results)
-                if plan.followers:
-                    committed.append(plan)
-            except Conflict:
-                self.failed.add(work)
-                self.contended.update(plan.contended)
+                with store.errors():
+                    results = replies.result()
+                    if any(isinstance(r, redis.exceptions.NoScriptError) for r in results[first:]):
+                        store.load_scripts()  # Redis restarted (its script cache is not persisted): once more, waited
+                        answers.set_result(_send(trip.plans, store))
+                        return
+                    failed = next((r for r in results if isinstance(r, Exception)), None)
+                    if failed is not None:
+                        raise failed
+                store._indexed.update(tenants)
+                answers.set_result(trip.read(store, results[first:]))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever settles the batch
+                answers.set_exception(exc)
+
+        replies.add_done_callback(read)
+        return answers
+
+    def settle(self, answers: list[dict[str, Any]]) -> None:
+        """Each transaction's outcome from its scripts' answers: committed (remembered), or listed in `failed`."""
+        try:
+            committed = []
+            for (work, plan), results in zip(self.plans, answers, strict=True):
+                try:
+                    plan.tx._settle(plan, results)
+                    if plan.followers:
+                        committed.append(plan)
+                except Conflict:
+                    self.failed.add(work)
+                    self.contended.update(plan.contended)
+        finally:
+            self.abandon()
         if committed:
             _send_followers(committed, self.store)
         if self.contended:  # contended here: for a moment, take these slots' turn before each batch
             until = time.monotonic() + HOT_S
             self.store.hot.update(dict.fromkeys(self.contended, until))
+
+    def abandon(self) -> None:
+        """Done with: what it wrote is read from the cache from now on (once settled, as it landed); its turn goes
+        back."""
+        pending = self.store.pending
+        for key in self.overlay:
+            if pending.get(key, (None, None))[1] is self:  # (not written again by a batch sent after it)
+                del pending[key]
+        if self.give_back is not None:
+            give_back, self.give_back = self.give_back, None
+            give_back()
 
     def retry(self) -> _BatchScope:
         """A batch for running the failed ones again, together, with this store holding the turn of the slots
@@ -1294,15 +1468,19 @@ class RedisStore:
         self.url = url
         self.cluster = type(client).__name__ == "RedisCluster"
         self.cache: dict[str, tuple[str, str | None]] = {}
+        self.parsed: dict[str, tuple[str, Any]] = {}  # key -> (JSON, the record parsed from it): see _records
         self.pointers: dict[str, str] = {}
         self._indexed: set[str] = set()  # tenants known to be in cycles:tenants
         self.open_batch: _Batch | None = None
+        # key -> ((version, data), batch): writes of deferred batches sent and not settled yet, newest batch's
+        self.pending: dict[str, tuple[tuple[str, str | None], _Batch]] = {}
         self.owner = os.urandom(8).hex()  # this store's token in the slots' turns
         self.hot: dict[str, float] = {}  # slot -> until when this store batches there with the turn held
         self.remote_batches = True  # the server batches its calls on this store: see _Batch
         self._offset_ms = 0.0
         self._sampled = -1e9
         self._lock = threading.Lock()
+        self._wire: _Wire | None = None
         self.load_scripts()
 
     # --------------------------------------------------------------------------------------------- connection
@@ -1329,13 +1507,41 @@ class RedisStore:
     def transaction(self, *, readonly: bool = False) -> _Atomic:
         return _Atomic(self)
 
-    def batch(self) -> _BatchScope:
+    def batch(self, *, deferred: bool = False) -> _BatchScope:
         """`with store.batch() as batch:` the transactions this thread runs inside commit together at the end, in
         one round trip (see _Batch): the server runs each batch of calls this way. Unlike SQLite's, a transaction of
-        the batch may fail at the end on its own (`batch.failed`), and is then run again by itself."""
-        return _BatchScope(self, turn=self.hot_slots())
+        the batch may fail at the end on its own (`batch.failed`), and is then run again by itself.
+
+        `deferred`: nothing is sent at the end; the caller sends it (`batch.send()`, from the running event loop)
+        and settles it (see _Batch)."""
+        return _BatchScope(self, turn=self.hot_slots(), deferred=deferred)
+
+    def wire(self) -> _Wire | None:
+        """This process's connection for deferred batches on the running event loop, opened on first use (None: no
+        running loop, a cluster, or a connection it does not speak, TLS; those batches are sent by redis-py, waited
+        for)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: nothing to drive a connection
+            return None
+        wire = self._wire
+        if wire is not None and not wire.closed and wire.loop is loop and wire.pid == os.getpid():
+            return wire
+        pool = getattr(self.redis, "connection_pool", None)
+        if (
+            self.cluster
+            or pool is None
+            or pool.connection_class not in (redis.Connection, redis.UnixDomainSocketConnection)
+        ):
+            return None
+        if wire is not None:  # (another event loop's, or a closed one)
+            wire.close()
+        self._wire = wire = _Wire(loop, pool.connection_kwargs)
+        return wire
 
     def close(self) -> None:
+        if self._wire is not None and self._wire.pid == os.getpid():
+            self._wire.close()
         self.redis.close()
 
     # -------------------------------------------------------------------------------------------- global keys
@@ -1459,8 +1665,6 @@ class _Atomic:
         return self._tx
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        from ..errors import CyclesError
-
         if exc_type is None:
             self._tx._commit(check_only=False)
         elif issubclass(exc_type, CyclesError) and not isinstance(exc, StoreUnavailable):
@@ -1468,12 +1672,13 @@ class _Atomic:
 
 
 class _BatchScope:
-    __slots__ = ("_store", "_batch", "_turn", "_give_back")
+    __slots__ = ("_store", "_batch", "_turn", "_give_back", "_deferred")
 
-    def __init__(self, store: RedisStore, turn: list[str] | None = None) -> None:
+    def __init__(self, store: RedisStore, turn: list[str] | None = None, deferred: bool = False) -> None:
         self._store = store
         self._turn = turn
         self._give_back: Callable[[], None] | None = None
+        self._deferred = deferred
 
     def __enter__(self) -> _Batch:
         if self._store.open_batch is not None:
@@ -1485,12 +1690,177 @@ class _BatchScope:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._store.open_batch = None
+        if exc_type is None and self._deferred:  # the caller sends it; its turn is held until it is settled
+            self._batch.give_back = self._give_back
+            return
         try:
             if exc_type is None:
                 self._batch.flush()
         finally:
             if self._give_back is not None:
                 self._give_back()
+
+
+class _Wire(asyncio.Protocol):
+    """A connection to a standalone Redis driven by the event loop: `send` writes a batch's commands and returns at
+    once, a future of their replies; the loop reads them as they come. The server's batches go this way, so that
+    its event loop goes on serving requests (and runs the next batch) during a batch's round trip instead of
+    waiting, blocked, in redis-py. It speaks only what batches send (RESP2: simple, error, integer and bulk replies),
+    answers in order, and fails everything on its way when the connection drops or a reply is `TIMEOUT_S` late
+    (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are."""
+
+    TIMEOUT_S = 5.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: dict[str, Any]) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self.unsent: list[bytes] = []  # written before the connection is made
+        self.buffer = b""
+        self.waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()  # (replies due, got, future)
+        self.timer: asyncio.TimerHandle | None = None
+        hello: list[tuple[Any, ...]] = []
+        if options.get("password"):
+            hello.append(("AUTH", *([options["username"]] if options.get("username") else []), options["password"]))
+        if options.get("db"):
+            hello.append(("SELECT", options["db"]))
+        if hello:
+            self.send(hello).add_done_callback(self._greeted)
+        self.connecting = loop.create_task(self._connect(options))
+
+    async def _connect(self, options: dict[str, Any]) -> None:
+        try:
+            connect = (
+                self.loop.create_unix_connection(lambda: self, options["path"])
+                if options.get("path")
+                else self.loop.create_connection(
+                    lambda: self, options.get("host", "localhost"), options.get("port", 6379)
+                )
+            )
+            await asyncio.wait_for(connect, options.get("socket_connect_timeout") or self.TIMEOUT_S)
+        except (TimeoutError, OSError) as exc:
+            self._fail(RedisConnectionError(f"cannot connect to Redis: {exc}"))
+
+    def _greeted(self, replies: asyncio.Future[list[Any]]) -> None:
+        if not replies.cancelled() and replies.exception() is None:
+            failed = next((r for r in replies.result() if isinstance(r, Exception)), None)
+            if failed is not None:
+                self._fail(RedisConnectionError(f"Redis refused the connection: {failed}"))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.unsent:
+            self.transport.write(b"".join(self.unsent))  # type: ignore[union-attr]
+            self.unsent = []
+
+    def send(self, commands: Sequence[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        if self.closed:
+            raise RedisConnectionError("the connection to Redis was closed")
+        parts = []
+        for command in commands:
+            parts.append(b"*%d\r\n" % len(command))
+            for arg in command:
+                data = arg.encode() if isinstance(arg, str) else str(arg).encode()
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        replies: asyncio.Future[list[Any]] = self.loop.create_future()
+        self.waiting.append((len(commands), [], replies))
+        if self.transport is not None:
+            self.transport.write(b"".join(parts))
+        else:
+            self.unsent += parts
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, replies)
+        return replies
+
+    def _late(self, replies: asyncio.Future[list[Any]]) -> None:
+        self.timer = None
+        if self.waiting and self.waiting[0][2] is replies:  # the same round trip is still not answered
+            self._fail(RedisTimeoutError(f"Redis did not answer within {self.TIMEOUT_S:g} s"))
+        elif self.waiting:
+            self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, self.waiting[0][2])
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        at = 0
+        waiting = self.waiting
+        while waiting:
+            due, got, replies = waiting[0]
+            while len(got) < due:
+                found = _reply(buffer, at)
+                if found is None:
+                    self.buffer = buffer[at:]
+                    return
+                reply, at = found
+                got.append(reply)
+            waiting.popleft()
+            if not replies.done():
+                replies.set_result(got)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, waiting[0][2]) if waiting else None
+        self.buffer = buffer[at:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed'}"))
+
+    def _fail(self, exc: Exception) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.waiting:
+            replies = self.waiting.popleft()[2]
+            if not replies.done():
+                replies.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.loop.is_closed():  # nothing to close it on any more: its socket goes with the transport
+            return
+        if self.transport is not None:
+            self.transport.close()
+        elif not self.connecting.done():
+            self.connecting.cancel()
+
+
+def _reply(buffer: bytes, at: int) -> tuple[Any, int] | None:
+    """One RESP2 reply at `at` and where the next begins; None if it has not all arrived. A bulk string stays bytes
+    (JSON, parsed by its reader), an error reply becomes redis-py's exception for it."""
+    end = buffer.find(b"\r\n", at)
+    if end < 0:
+        return None
+    kind, line = buffer[at], buffer[at + 1 : end]
+    if kind == 36:  # $ bulk string
+        size = int(line)
+        if size < 0:
+            return None, end + 2
+        if len(buffer) < end + 4 + size:
+            return None
+        return buffer[end + 2 : end + 2 + size], end + 4 + size
+    if kind == 43:  # + simple string
+        return line.decode(), end + 2
+    if kind == 58:  # : integer
+        return int(line), end + 2
+    if kind == 45:  # - error
+        message = line.decode()
+        error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.exceptions.ResponseError
+        return error(message), end + 2
+    if kind == 42:  # * array
+        items, at = [], end + 2
+        for _ in range(int(line)):
+            found = _reply(buffer, at)
+            if found is None:
+                return None
+            item, at = found
+            items.append(item)
+        return items, at
+    raise RedisConnectionError(f"unexpected reply from Redis: {bytes(buffer[at : at + 40])!r}")
 
 
 def open_redis(url: str) -> RedisStore:

@@ -8,6 +8,7 @@ the hop to a worker thread and back (that hop cost a fifth of the server's CPU p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,8 +48,8 @@ class RuntimeAPI:
         path = lock_file_for(ledger, "write")
         if path:
             self.write_lock = WriteLock(path, ledger.store.batch)
-        elif getattr(ledger.store, "remote_batches", False):  # Redis: no lock, one round trip per batch
-            self.write_lock = WriteLock(None, ledger.store.batch, batch_only=True)
+        elif getattr(ledger.store, "remote_batches", False):  # Redis: no lock, one round trip per batch, off the loop
+            self.write_lock = WriteLock(None, functools.partial(ledger.store.batch, deferred=True), batch_only=True)
         else:
             self.write_lock = WriteLock(None)
 

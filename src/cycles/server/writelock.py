@@ -25,7 +25,11 @@ In-memory stores and platforms without fcntl need no lock: `run` then does the w
 A store whose transactions are optimistic and remote (Redis) needs no lock either, but gains from the batches: the
 calls handed over in one event loop iteration are committed together, in one round trip (`batch_only`). There a
 call of the batch may fail alone (`batch.failed`: what it read was changed by another process): the failed ones run
-again together (`batch.retry()`), then each by itself, before anyone is answered.
+again together (`batch.retry()`), then each by itself, before anyone is answered. The round trip is not waited for
+with the event loop blocked: the batch is sent (`batch.send()`, a future of its answers) and the loop goes on
+reading requests, writing answers and running the next batch, which reads what the batches on their way wrote, as
+they will have written it (checked at its own commit like any read). At most FLYING batches are on their way at
+once; a batch with failed calls waits until none is (they would read its guesses) and runs them again then.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ except ImportError:  # pragma: no cover - not on Windows
 log = logging.getLogger("cycles.server")
 
 T = TypeVar("T")
+FLYING = 2  # batch_only batches on their way at once: the next one runs while one is on its round trip
 
 
 def lock_file_for(ledger: Ledger, purpose: str) -> str | None:
@@ -79,6 +84,10 @@ class WriteLock:
         self._batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.on_batch: Callable[[int], None] | None = None  # told each batch's size (server metrics)
         self._waiter: ThreadPoolExecutor | None = None  # the thread that waits in flock while another worker holds it
+        self._flying = 0  # batch_only batches on their round trip
+        self._scheduled = False  # a batch_only batch is to run in this loop iteration
+        # batch_only batches with failed calls, run again (and answered) once no batch is on its way
+        self._parked: list[tuple[list[tuple[Callable[[], Any], asyncio.Future[Any]]], dict[Any, Any], Any]] = []
 
     def _open(self) -> int | None:
         if self._pid != os.getpid():
@@ -95,8 +104,10 @@ class WriteLock:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
         self._batch.append((work, done))
-        if len(self._batch) == 1:  # the first of this batch: run it once the loop has gathered the rest
-            loop.call_soon(self._run_batch if self.batch_only else self._take, loop)
+        if self.batch_only:
+            self._next(loop)  # run once the loop has gathered the rest
+        elif len(self._batch) == 1:  # the first of this batch: run it once the loop has gathered the rest
+            loop.call_soon(self._take, loop)
         return await done
 
     def _take(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -134,28 +145,100 @@ class WriteLock:
                         if together is not None:
                             together.current = done  # tags the work's transactions (an optimistic store's batch)
                         outcomes[done] = _attempt(work)
-                # an optimistic store's calls that failed alone at the batch's end (others changed what they read):
-                # again, together (with the store's turn on what they contended for), then each by itself
-                for _round in range(3):
-                    failed = [(w, d) for w, d in batch if together is not None and d in together.failed]
-                    if not failed:
-                        break
-                    with together.retry() as together:
-                        for work, done in failed:
-                            together.current = done
-                            outcomes[done] = _attempt(work)
-                for work, done in batch:
-                    if together is not None and done in together.failed:
-                        outcomes[done] = _attempt(work)
             except Exception as exc:  # the batch did not begin, or did not commit: none of it happened
                 failure = exc
             finally:
-                if not self.batch_only:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+                fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
         except BaseException:
             self._answer(batch, {}, asyncio.CancelledError())
             raise
         self._answer(batch, outcomes, failure)  # only now that the batch is committed
+
+    def _run_remote(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A batch on an optimistic remote store (batch_only): its calls run, then it is sent (`together.send()`)
+        and the loop carries on; `_landed` settles it and answers its calls."""
+        self._scheduled = False
+        if not self._batch or self._flying >= FLYING or self._parked:
+            return
+        batch, self._batch = self._batch, []
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        outcomes: dict[asyncio.Future[Any], tuple[bool, Any]] = {}  # caller -> (succeeded, result or exception)
+        try:
+            with self.together() as together:
+                for work, done in batch:
+                    if done.cancelled():  # nobody waits for it any more: not done at all
+                        continue
+                    together.current = done  # tags the work's transactions
+                    outcomes[done] = _attempt(work)
+            sent = together.send()  # None: nothing to send, or sent and settled already
+        except Exception as exc:  # the batch did not begin, or could not be sent: none of it happened
+            self._answer(batch, {}, exc)
+            self._next(loop)
+            return
+        except BaseException:
+            self._answer(batch, {}, asyncio.CancelledError())
+            raise
+        if sent is None:
+            self._settled(batch, outcomes, together)
+        else:
+            self._flying += 1
+            sent.add_done_callback(lambda landed: self._landed(batch, outcomes, together, landed))
+        self._next(loop)
+
+    def _landed(
+        self,
+        batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+        outcomes: dict[asyncio.Future[Any], tuple[bool, Any]],
+        together: Any,
+        landed: asyncio.Future[Any],
+    ) -> None:
+        self._flying -= 1
+        try:
+            try:
+                answers = landed.result()
+            except BaseException:
+                together.abandon()
+                raise
+            together.settle(answers)
+        except Exception as exc:  # the round trip failed: none of the batch is known to have happened
+            self._answer(batch, {}, exc)
+        except BaseException:
+            self._answer(batch, {}, asyncio.CancelledError())
+            raise
+        else:
+            self._settled(batch, outcomes, together)
+        self._next(asyncio.get_running_loop())
+
+    def _settled(
+        self,
+        batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+        outcomes: dict[asyncio.Future[Any], tuple[bool, Any]],
+        together: Any,
+    ) -> None:
+        if together.failed:  # run again once no batch is on its way (they would read its guesses)
+            self._parked.append((batch, outcomes, together))
+        else:
+            self._answer(batch, outcomes, None)
+        if self._parked and not self._flying:
+            parked, self._parked = self._parked, []
+            for batch, outcomes, together in parked:
+                failure: Exception | None = None
+                try:
+                    _run_failed(batch, outcomes, together)
+                except Exception as exc:
+                    failure = exc
+                except BaseException:
+                    self._answer(batch, {}, asyncio.CancelledError())
+                    raise
+                self._answer(batch, outcomes, failure)
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The calls that arrived meanwhile: the next batch, once one may go (in this loop iteration, after the
+        calls arriving in it)."""
+        if self._batch and not self._scheduled and self._flying < FLYING and not self._parked:
+            self._scheduled = True
+            loop.call_soon(self._run_remote, loop)
 
     @staticmethod
     def _answer(
@@ -178,6 +261,26 @@ class WriteLock:
     def _fail(self, exc: BaseException) -> None:
         batch, self._batch = self._batch, []
         self._answer(batch, {}, exc)
+
+
+def _run_failed(
+    batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+    outcomes: dict[asyncio.Future[Any], tuple[bool, Any]],
+    together: Any,
+) -> None:
+    """An optimistic store's calls that failed alone at the batch's end (others changed what they read): again,
+    together (with the store's turn on what they contended for), then each by itself."""
+    for _round in range(3):
+        failed = [(w, d) for w, d in batch if d in together.failed]
+        if not failed:
+            break
+        with together.retry() as together:
+            for work, done in failed:
+                together.current = done
+                outcomes[done] = _attempt(work)
+    for work, done in batch:
+        if done in together.failed:
+            outcomes[done] = _attempt(work)
 
 
 def _attempt(work: Callable[[], Any]) -> tuple[bool, Any]:

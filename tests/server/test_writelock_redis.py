@@ -1,0 +1,211 @@
+"""The write lock's batches on a real Redis (batch_only, `store.batch(deferred=True)`): a batch's round trip is not
+waited for with the event loop blocked; the next batch runs meanwhile and reads what the one on its way wrote; a
+batch whose calls failed runs them again once no batch is on its way, and they settle exactly.
+
+Redis is held still with `CLIENT PAUSE ... WRITE` (reads go on, commit scripts wait), so what happens while a batch
+is on its way is seen without any timing."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cycles.ledger import Ledger
+from cycles.ledger.redis import open_redis
+from cycles.server.writelock import WriteLock
+
+redis = pytest.importorskip("redis")
+
+USD = "USD_MICROCENTS"
+ACTION = {"kind": "llm.completion", "name": "gpt-4o"}
+
+
+def usd(n: int) -> dict[str, Any]:
+    return {"unit": USD, "amount": n}
+
+
+def reserve(ledger: Ledger, key: str, amount: int = 100) -> Any:
+    body = {"idempotency_key": key, "subject": {"tenant": "acme"}, "action": ACTION, "estimate": usd(amount)}
+    return ledger.reserve(body, tenant="acme")
+
+
+@pytest.fixture
+def ledgers(redis_url: str, clock: Any) -> Iterator[tuple[Ledger, Ledger]]:
+    stores = [open_redis(redis_url), open_redis(redis_url)]
+    out = (Ledger(stores[0], clock=clock), Ledger(stores[1], clock=clock))
+    out[1].admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
+    yield out
+    for s in stores:
+        s.close()
+
+
+@pytest.fixture
+def pause(redis_url: str) -> Iterator[Any]:
+    """pause(): Redis stops running writes (commit scripts) until unpause(), or 5 s at most."""
+    client = redis.Redis.from_url(redis_url)
+
+    class Pause:
+        def __call__(self) -> None:
+            client.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+
+        def unpause(self) -> None:
+            client.execute_command("CLIENT", "UNPAUSE")
+
+    pauser = Pause()
+    yield pauser
+    pauser.unpause()
+    client.close()
+
+
+def lock_for(ledger: Ledger) -> WriteLock:
+    return WriteLock(None, functools.partial(ledger.store.batch, deferred=True), batch_only=True)
+
+
+def reserved(url: str) -> int:
+    """The tenant budget's reserved counter as Redis holds it (a plain read: it goes on while Redis is paused)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.hget("{t:acme}:b:USD_MICROCENTS:tenant:acme", "r"))
+    finally:
+        client.close()
+
+
+async def turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_the_event_loop_runs_on_while_a_batch_is_on_its_way(ledgers, pause, redis_url) -> None:
+    a, b = ledgers
+    lock = lock_for(a)
+    ticks: list[int] = []
+
+    async def ticker() -> None:  # the worker's other requests, served meanwhile
+        for i in range(50):
+            ticks.append(i)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        await lock.run(lambda: reserve(a, "warm"))  # the store's connection is open, its records known
+        pause()
+        first = asyncio.ensure_future(lock.run(lambda: reserve(a, "k1")))
+        await asyncio.ensure_future(ticker())
+        assert not first.done()  # its commit waits for Redis, and the loop ran the ticker to its end meanwhile
+        assert reserved(redis_url) == 100
+        pause.unpause()
+        await first
+        assert reserved(redis_url) == 200
+
+    asyncio.run(main())
+
+
+def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(ledgers, pause, redis_url) -> None:
+    a, b = ledgers
+    lock = lock_for(a)
+    ran: list[str] = []
+
+    def work(name: str, key: str) -> Any:
+        ran.append(name)
+        return reserve(a, key)
+
+    def read_budget() -> int:  # a transaction of the next batch: the budget as it reads it
+        ran.append("read")
+        with a.store.transaction() as tx:
+            return tx.get_budgets(USD, ["tenant:acme"])[0].reserved
+
+    async def main() -> None:
+        await lock.run(lambda: reserve(a, "warm"))
+        pause()
+        first = asyncio.ensure_future(lock.run(lambda: work("first", "k1")))
+        await turns(5)
+        second = asyncio.ensure_future(lock.run(lambda: work("second", "k1")))  # the same reserve again
+        third = asyncio.ensure_future(lock.run(read_budget))
+        await turns(5)
+        assert ran == ["first", "second", "read"]  # the next batch ran while the first one was on its way
+        assert not first.done() and not second.done() and not third.done()
+        pause.unpause()
+        one, two, seen = await first, await second, await third
+        assert seen == 200  # warm, and k1 of the batch that was on its way (checked once it had landed)
+        assert two.reservation_id == one.reservation_id  # the same reserve: one hold
+        assert reserved(redis_url) == 200
+
+    asyncio.run(main())
+
+
+def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, redis_url) -> None:
+    a, b = ledgers
+    lock = lock_for(a)
+    ran: list[str] = []
+
+    def work(name: str, key: str) -> Any:
+        ran.append(name)
+        return reserve(a, key)
+
+    async def main() -> None:
+        await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
+        b.admin.freeze("tenant:acme", USD, tenant="acme")  # another process writes it meanwhile: a's copy is stale
+        b.admin.unfreeze("tenant:acme", USD, tenant="acme")
+        pause()
+        first = asyncio.ensure_future(lock.run(lambda: work("first", "k1")))
+        await turns(5)
+        second = asyncio.ensure_future(lock.run(lambda: work("second", "k1")))  # reads what the first one wrote
+        await turns(5)
+        assert ran == ["first", "second"]
+        pause.unpause()
+        one, two = await first, await second
+        # both failed at Redis and ran again, in order, once both batches had landed (the second one, a replay of
+        # the first, until it ran by itself: a batch does not replay a reserve whose key another one took)
+        assert ran[2] == "first" and ran[3:] and set(ran[3:]) == {"second"}
+        assert two.reservation_id == one.reservation_id
+        assert reserved(redis_url) == 200  # warm and k1, once
+
+    asyncio.run(main())
+
+
+def test_a_store_serves_one_event_loop_after_another(ledgers, redis_url) -> None:
+    a, _b = ledgers
+    for key in ("k1", "k2"):  # each asyncio.run is a new loop: the store opens a connection on each
+        lock = lock_for(a)
+        asyncio.run(lock.run(lambda key=key: reserve(a, key)))
+    assert reserved(redis_url) == 200
+
+
+def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(redis_cluster_url, clock) -> None:
+    """A store without a connection of the loop's (a cluster: redis-py routes each script to its node) sends each
+    batch at its end, waited for; a call that fails there is run again all the same."""
+    stores = [open_redis(redis_cluster_url), open_redis(redis_cluster_url)]
+    a, b = Ledger(stores[0], clock=clock), Ledger(stores[1], clock=clock)
+    try:
+        b.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
+        lock = lock_for(a)
+        ran: list[str] = []
+
+        def work(name: str, key: str) -> Any:
+            ran.append(name)
+            return reserve(a, key)
+
+        async def main() -> None:
+            await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
+            b.admin.freeze("tenant:acme", USD, tenant="acme")  # another process writes it: a's copy is stale
+            b.admin.unfreeze("tenant:acme", USD, tenant="acme")
+            await asyncio.wait_for(lock.run(lambda: work("first", "k1")), 60)  # (a hang guard, not a timing)
+
+        asyncio.run(main())
+        assert ran == ["first", "first"]  # failed at Redis, ran again
+        assert b.balances({"tenant": "acme"}, tenant="acme").balances[0].reserved.amount == 200
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_deferred_batch_without_an_event_loop_is_sent_at_once(ledgers, redis_url) -> None:
+    a, _b = ledgers
+    with a.store.batch(deferred=True) as batch:
+        batch.current = "k1"
+        reserve(a, "k1")
+    assert batch.send() is None  # nothing to drive a connection: sent and settled here
+    assert batch.failed == set() and reserved(redis_url) == 100
