@@ -224,12 +224,22 @@ class CyclesRunHooks(RunHooks[Any]):
         return asyncio.run(self.run(starting_agent, input, **kwargs))
 
     async def _settle(self, opened: list[ModelCall | Reservation], error: BaseException) -> None:
-        """Settle the holds among `opened` that no end hook took (identity: the same call may not be settled
-        twice, and other runs' holds are never touched)."""
+        """Settle the holds among `opened` that no end hook took (by identity: other runs' holds are never
+        touched)."""
+        mine = {id(hold) for hold in opened}
+        await self._release(lambda hold: id(hold) in mine, error, f"run failed: {type(error).__name__}")
+
+    async def release_open(self, reason: str = "run ended") -> int:
+        """Release every hold still open, of every run (a model call that raised never reaches on_llm_end); how
+        many. With concurrent runs on these hooks prefer `run()`, which settles only its own run's holds."""
+        return await self._release(lambda _hold: True, RuntimeError(reason), reason)
+
+    async def _release(self, chosen: Callable[[Any], bool], error: BaseException, reason: str) -> int:
+        """Take the open holds `chosen` picks out of these hooks (no end hook settles them twice), then settle
+        them: a model call as a failure (released unless it produced output), a tool hold released."""
         with self._lock:
-            mine = {id(hold) for hold in opened}
-            calls = [(k, c) for k, c in self._llm.items() if id(c) in mine]
-            tools = [(k, r) for k, r in self._tools.items() if id(r) in mine]
+            calls = [(k, c) for k, c in self._llm.items() if chosen(c)]
+            tools = [(k, r) for k, r in self._tools.items() if chosen(r)]
             for key, _ in calls:
                 del self._llm[key]
             for key, _ in tools:
@@ -237,19 +247,6 @@ class CyclesRunHooks(RunHooks[Any]):
         for _, call in calls:
             await call.afinish(error)
         for _, reservation in tools:
-            if reservation.active:
-                await reservation.arelease(reason=f"run failed: {type(error).__name__}")
-
-    async def release_open(self, reason: str = "run ended") -> int:
-        """Release every hold still open, of every run (a model call that raised never reaches on_llm_end); how
-        many. With concurrent runs on these hooks prefer `run()`, which settles only its own run's holds."""
-        with self._lock:
-            calls, tools = list(self._llm.values()), list(self._tools.values())
-            self._llm.clear()
-            self._tools.clear()
-        for call in calls:
-            await call.afinish(RuntimeError(reason))
-        for reservation in tools:
             if reservation.active:
                 await reservation.arelease(reason=reason)
         return len(calls) + len(tools)

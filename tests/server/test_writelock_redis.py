@@ -65,6 +65,18 @@ def lock_for(ledger: Ledger) -> WriteLock:
     return WriteLock(None, functools.partial(ledger.store.batch, deferred=True), batch_only=True)
 
 
+class Recorded:
+    """`work(name, key)`: a reserve on `ledger`, noting in `ran` each time the lock runs it (runs again included)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.ran: list[str] = []
+
+    def __call__(self, name: str, key: str) -> Any:
+        self.ran.append(name)
+        return reserve(self.ledger, key)
+
+
 def reserved(url: str) -> int:
     """The tenant budget's reserved counter as Redis holds it (a plain read: it goes on while Redis is paused)."""
     client = redis.Redis.from_url(url)
@@ -106,11 +118,8 @@ def test_the_event_loop_runs_on_while_a_batch_is_on_its_way(ledgers, pause, redi
 def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(ledgers, pause, redis_url) -> None:
     a, b = ledgers
     lock = lock_for(a)
-    ran: list[str] = []
-
-    def work(name: str, key: str) -> Any:
-        ran.append(name)
-        return reserve(a, key)
+    work = Recorded(a)
+    ran = work.ran
 
     def read_budget() -> int:  # a transaction of the next batch: the budget as it reads it
         ran.append("read")
@@ -139,11 +148,8 @@ def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(l
 def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, redis_url) -> None:
     a, b = ledgers
     lock = lock_for(a)
-    ran: list[str] = []
-
-    def work(name: str, key: str) -> Any:
-        ran.append(name)
-        return reserve(a, key)
+    work = Recorded(a)
+    ran = work.ran
 
     async def main() -> None:
         await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
@@ -182,11 +188,8 @@ def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(re
     try:
         b.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
         lock = lock_for(a)
-        ran: list[str] = []
-
-        def work(name: str, key: str) -> Any:
-            ran.append(name)
-            return reserve(a, key)
+        work = Recorded(a)
+        ran = work.ran
 
         async def main() -> None:
             await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
