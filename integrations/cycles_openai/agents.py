@@ -19,9 +19,10 @@
   was not run and lets the run go on);
 - every call is keyed by its own run's context and the agent (tools: the tool context and call id), so one hooks
   object serves concurrent runs;
-- the SDK calls no hook for a model call that raises, so run through the hooks (`await hooks.run(agent, input)` or
-  `hooks.run_sync(...)`, which are `Runner.run(..., hooks=hooks)`): when the run raises, the holds it left open are
-  released before the error propagates, and other runs' holds are left alone. Runs started with `Runner.run(...,
+- the SDK calls no hook for a model call that raises, so run through the hooks (`await hooks.run(agent, input)`,
+  `hooks.run_sync(...)` or `hooks.run_streamed(...)`, which are `Runner.run...(..., hooks=hooks)`): when the run
+  raises or is cancelled, the holds it left open are released before the error propagates (a streamed run's before
+  `stream_events()` ends), and other runs' holds are left alone. Runs started with `Runner.run(...,
   hooks=hooks)` directly can call `release_open()` (every run's open holds), or leave them to their TTL.
 
 Use these hooks *or* a guarded `AsyncOpenAI` client for the agent's model, not both (they would reserve one call
@@ -222,6 +223,38 @@ class CyclesRunHooks(RunHooks[Any]):
     def run_sync(self, starting_agent: Any, input: Any, **kwargs: Any) -> Any:
         """`run` from synchronous code (as `Runner.run_sync`: not inside a running event loop)."""
         return asyncio.run(self.run(starting_agent, input, **kwargs))
+
+    def run_streamed(self, starting_agent: Any, input: Any, **kwargs: Any) -> Any:
+        """`Runner.run_streamed(starting_agent, input, hooks=self, **kwargs)` (call it inside a running event loop);
+        if the run fails or is cancelled (`result.cancel()`, the consumer stops), the holds this run left open are
+        settled before `stream_events()` ends or raises. The run's task is wrapped the way the SDK wraps it for its
+        own cleanups: `stream_events()` waits for the wrapper, and cancelling the wrapper cancels the run."""
+        from agents import Runner
+
+        opened: list[ModelCall | Reservation] = []
+        token = _opened.set(opened)  # the run's task copies this context when it is created
+        try:
+            result = Runner.run_streamed(starting_agent, input, hooks=self, **kwargs)
+        finally:
+            _opened.reset(token)
+        run = result.run_loop_task
+        if run is None:  # pragma: no cover - every SDK version we support starts one
+            return result
+
+        async def settled() -> Any:
+            try:
+                return await run
+            except BaseException as exc:
+                if not run.done():  # this wrapper was cancelled: so is the run
+                    run.cancel()
+                    await asyncio.wait((run,))
+                await self._settle(opened, exc)
+                raise
+
+        wrapper = asyncio.get_running_loop().create_task(settled())
+        wrapper.add_done_callback(lambda w: run.cancel() if w.cancelled() and not run.done() else None)
+        result.run_loop_task = wrapper
+        return result
 
     async def _settle(self, opened: list[ModelCall | Reservation], error: BaseException) -> None:
         """Settle the holds among `opened` that no end hook took (by identity: other runs' holds are never

@@ -259,6 +259,64 @@ def test_streamed_runs_are_reserved_too(funded: cycles.Client) -> None:
     assert hooks.in_flight() == 0
 
 
+def test_a_failed_streamed_run_through_the_hooks_releases_its_model_call(funded: cycles.Client) -> None:
+    model = ScriptedModel([ModelStep.raise_error(ConnectionError("provider down"))])
+    hooks = CyclesRunHooks(funded, model=MODEL)
+
+    async def go() -> None:
+        result = hooks.run_streamed(Agent(name="bot", model=model), "hi")
+        with pytest.raises(ConnectionError):
+            async for _ in result.stream_events():
+                pass
+
+    asyncio.run(go())
+    [r] = funded.reservations()
+    assert r.status == "RELEASED" and hooks.in_flight() == 0
+
+
+def test_a_cancelled_streamed_run_releases_its_open_tool_hold(funded: cycles.Client) -> None:
+    """`result.cancel()` while a tool runs: the tool's hold is released by the time `stream_events()` ends; the
+    model call that asked for the tool stays committed."""
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    steps, usages = script()
+    started, never = asyncio.Event(), asyncio.Event()
+
+    @function_tool
+    async def search(query: str) -> str:
+        """Search the web."""
+        started.set()  # (its hold is taken before it starts)
+        await never.wait()
+        return f"results for {query}"
+
+    async def go() -> None:
+        result = hooks.run_streamed(Agent(name="bot", model=ScriptedModel(steps), tools=[search]), "q")
+        async for _ in result.stream_events():
+            await started.wait()
+            result.cancel()
+
+    asyncio.run(go())
+    statuses = sorted(r.status for r in funded.reservations())
+    assert statuses == ["COMMITTED", "RELEASED"]
+    assert spent(funded) == cost(usages[0])
+    assert funded.reservations(status="ACTIVE") == [] and hooks.in_flight() == 0
+
+
+def test_a_streamed_run_through_the_hooks_commits_as_usual(funded: cycles.Client) -> None:
+    steps, usages = script()
+    hooks = CyclesRunHooks(funded, model=MODEL, tool_estimates={"search": TOOL_COST}, agent="bot")
+    agent = Agent(name="bot", model=ScriptedModel(steps), tools=[Searches().tool()])
+
+    async def go() -> Any:
+        result = hooks.run_streamed(agent, "Tell me about budgets.")
+        async for _ in result.stream_events():
+            pass
+        return result.final_output
+
+    assert asyncio.run(go()) == "Budgets keep agents honest."
+    assert {r.status for r in funded.reservations()} == {"COMMITTED"}
+    assert spent(funded) == sum(cost(u) for u in usages) + TOOL_COST.amount and hooks.in_flight() == 0
+
+
 def test_an_agent_on_a_guarded_client_is_reserved_per_request(funded: cycles.Client) -> None:
     """No hooks: the agent's model is an OpenAIResponsesModel on a guarded AsyncOpenAI (over the fake provider)."""
     from agents import OpenAIResponsesModel
