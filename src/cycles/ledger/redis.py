@@ -268,10 +268,6 @@ def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return operator.attrgetter(*names)  # type: ignore[return-value]
 
 
-def _dump(obj: Any, names: tuple[str, ...]) -> str:
-    return to_json(dict(zip(names, _getter(names)(obj), strict=True))).decode()
-
-
 def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     """A budget as the cache holds it: its record, the counters the script moves, the version of the rest."""
     return f"{record}\0{reserved}\0{spent}\0{static}"
@@ -332,36 +328,37 @@ class RedisTransaction:
 
     # ---------------------------------------------------------------------------------------------- plumbing
     def _get(self, keys: Sequence[str]) -> list[str | None]:
-        """The data of each key (None: absent), as first seen by this transaction."""
+        """The data of each key (None: absent), as first seen by this transaction: what earlier transactions of its
+        batch (or batches on their way) wrote, as it will be; else this store's cache; else Redis."""
+        read = self._read
         cache = self._store.cache
         batch = self._batch
-        if batch is not None:  # what earlier transactions of this batch (or batches on their way) wrote, as it will be
-            overlay, pending = batch.overlay, self._store.pending
-            for k in keys:
-                if k not in self._read:
-                    seen = overlay.get(k)
-                    if seen is None and k in pending:
-                        seen = pending[k][0]
-                    if seen is not None:
-                        self._read[k] = seen
-                        self._cached = True
-        missing = [k for k in keys if k not in self._read and k not in cache]
+        pending = self._store.pending
+        missing = []
+        for k in keys:
+            if k in read:
+                continue
+            seen = None
+            if batch is not None:
+                seen = batch.overlay.get(k)
+                if seen is None:
+                    waiting = pending.get(k)
+                    seen = None if waiting is None else waiting[0]
+            if seen is None:
+                seen = cache.get(k)
+            if seen is None:
+                missing.append(k)
+            else:
+                read[k] = seen
+                self._cached = True
         if missing:
             with self._store.errors():
                 pipe = self._r.pipeline(transaction=False)
                 for k in missing:
                     pipe.hmget(k, "v", "d", "r", "s", "w")
                 for k, (v, d, reserved, spent, static) in zip(missing, pipe.execute(), strict=True):
-                    cache[k] = (v or "0", d if reserved is None else _joined(d, reserved, spent, static))
-        out = []
-        for k in keys:
-            seen = self._read.get(k)
-            if seen is None:
-                seen = self._read[k] = cache[k]
-                if k not in missing:
-                    self._cached = True
-            out.append(seen[1])
-        return out
+                    read[k] = cache[k] = (v or "0", d if reserved is None else _joined(d, reserved, spent, static))
+        return [read[k][1] for k in keys]
 
     def _load(self, keys: Sequence[str], make: Any, parse: Callable[[str], Any] = from_json) -> list[Any]:
         """Records for keys (None where absent), the same object each time within this transaction."""
@@ -569,10 +566,9 @@ class RedisTransaction:
                 data = _joined(record, b.reserved, b.spent, static)
             else:
                 value, names = self._writes[key]
+                data = to_json(value).decode()  # a record: its fields, as a dataclass serialises
                 if names is _BUDGET:
-                    data = _joined(_dump(value, names), value.reserved, value.spent, self._version(key))
-                else:
-                    data = to_json(value).decode() if names is None else _dump(value, names)
+                    data = _joined(data, value.reserved, value.spent, self._version(key))
             self._datas[key] = data
         return data
 
