@@ -46,6 +46,26 @@ def redis_url(redis_session) -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_tls_session():
+    """One redis-server speaking TLS only, for the whole session; skipped when redis-server or openssl is absent."""
+    from .redis_server import redis_tls_server
+
+    with redis_tls_server("--appendonly", "no") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_tls_url(redis_tls_session) -> str:
+    """The TLS session server, emptied for this test: `rediss://...?ssl_ca_certs=<its certificate>`."""
+    import redis
+
+    client = redis.Redis.from_url(redis_tls_session.url)
+    client.flushdb()
+    client.close()
+    return redis_tls_session.url
+
+
+@pytest.fixture(scope="session")
 def redis_cluster_session():
     """A 3-node Redis Cluster (3 masters, no replicas) for the whole session; skipped when redis-server is absent."""
     from .redis_server import redis_cluster

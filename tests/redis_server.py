@@ -16,6 +16,7 @@ import pytest
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
+OPENSSL = shutil.which("openssl")
 MISSING = "redis-server is not installed (apt-get install redis-server; .ci/run does it)"
 
 
@@ -46,10 +47,10 @@ def require_redis() -> None:
         pytest.skip("redis-py is not installed (pip install 'cycles[redis]')")
 
 
-def wait_ready(port: int, timeout: float = 10.0) -> None:
+def wait_ready(url: str, timeout: float = 10.0) -> None:
     import redis
 
-    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -83,7 +84,7 @@ class RedisProcess:
              "--save", "", "--protected-mode", "no", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_ready(self.port)
+        wait_ready(self.url)
         return self
 
     def kill(self) -> None:
@@ -93,6 +94,45 @@ class RedisProcess:
 
     def stop(self) -> None:
         self.kill()
+
+
+class TLSRedisProcess(RedisProcess):
+    """redis-server speaking only TLS on its port, with a self-signed certificate for 127.0.0.1 (made by openssl);
+    its URL names the certificate as the one CA to trust, so clients verify the server as in production."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        super().__init__(directory)
+        self.cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(
+            [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(self.cert),
+             "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        self.args = ("--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(self.cert), "--tls-auth-clients", "no",
+                     *args)  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.cert}"
+
+
+@contextmanager
+def redis_tls_server(*args: str) -> Iterator[RedisProcess]:
+    require_redis()
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed (it makes the test certificate): apt-get install openssl")
+    with tempfile.TemporaryDirectory(prefix="cycles-redis-tls-") as directory:
+        server = TLSRedisProcess(Path(directory), *args)
+        try:
+            server.start()
+        except Exception as exc:  # noqa: BLE001 - a redis-server built without TLS
+            server.stop()
+            pytest.skip(f"redis-server did not start with TLS (built without it?): {exc}")
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @contextmanager

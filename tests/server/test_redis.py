@@ -98,7 +98,13 @@ def assert_settled(url: str, allocations: list[int]) -> dict[str, dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ several workers
-def test_two_workers_on_one_redis_admit_exactly_what_fits(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_two_workers_on_one_redis_admit_exactly_what_fits(
+    tmp_path: Path, scheme: str, request: pytest.FixtureRequest
+) -> None:
+    """Over TCP, then over TLS (rediss://, the server's certificate verified: batches on the event loop's own TLS
+    connection)."""
+    redis_url = request.getfixturevalue("redis_url" if scheme == "redis" else "redis_tls_url")
     allocations = [10 * B, B, 3 * B]
     with CyclesServe(
         tmp_path, workers=2, store=redis_url, sweep_interval=0.2, extra_args=("--keep-alive", "60")

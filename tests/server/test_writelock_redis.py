@@ -33,9 +33,15 @@ def reserve(ledger: Ledger, key: str, amount: int = 100) -> Any:
     return ledger.reserve(body, tenant="acme")
 
 
+@pytest.fixture(params=["redis", "rediss"])
+def url(request: pytest.FixtureRequest) -> str:
+    """A standalone Redis over TCP, then over TLS (rediss://, the server's certificate verified)."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_tls_url")
+
+
 @pytest.fixture
-def ledgers(redis_url: str, clock: Any) -> Iterator[tuple[Ledger, Ledger]]:
-    stores = [open_redis(redis_url), open_redis(redis_url)]
+def ledgers(url: str, clock: Any) -> Iterator[tuple[Ledger, Ledger]]:
+    stores = [open_redis(url), open_redis(url)]
     out = (Ledger(stores[0], clock=clock), Ledger(stores[1], clock=clock))
     out[1].admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
     yield out
@@ -44,9 +50,9 @@ def ledgers(redis_url: str, clock: Any) -> Iterator[tuple[Ledger, Ledger]]:
 
 
 @pytest.fixture
-def pause(redis_url: str) -> Iterator[Any]:
+def pause(url: str) -> Iterator[Any]:
     """pause(): Redis stops running writes (commit scripts) until unpause(), or 5 s at most."""
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(url)
 
     class Pause:
         def __call__(self) -> None:
@@ -91,7 +97,7 @@ async def turns(n: int) -> None:
         await asyncio.sleep(0)
 
 
-def test_the_event_loop_runs_on_while_a_batch_is_on_its_way(ledgers, pause, redis_url) -> None:
+def test_the_event_loop_runs_on_while_a_batch_is_on_its_way(ledgers, pause, url) -> None:
     a, b = ledgers
     lock = lock_for(a)
     ticks: list[int] = []
@@ -107,15 +113,15 @@ def test_the_event_loop_runs_on_while_a_batch_is_on_its_way(ledgers, pause, redi
         first = asyncio.ensure_future(lock.run(lambda: reserve(a, "k1")))
         await asyncio.ensure_future(ticker())
         assert not first.done()  # its commit waits for Redis, and the loop ran the ticker to its end meanwhile
-        assert reserved(redis_url) == 100
+        assert reserved(url) == 100
         pause.unpause()
         await first
-        assert reserved(redis_url) == 200
+        assert reserved(url) == 200
 
     asyncio.run(main())
 
 
-def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(ledgers, pause, redis_url) -> None:
+def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(ledgers, pause, url) -> None:
     a, b = ledgers
     lock = lock_for(a)
     work = Recorded(a)
@@ -140,12 +146,12 @@ def test_the_next_batch_runs_meanwhile_and_reads_what_the_one_on_its_way_wrote(l
         one, two, seen = await first, await second, await third
         assert seen == 200  # warm, and k1 of the batch that was on its way (checked once it had landed)
         assert two.reservation_id == one.reservation_id  # the same reserve: one hold
-        assert reserved(redis_url) == 200
+        assert reserved(url) == 200
 
     asyncio.run(main())
 
 
-def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, redis_url) -> None:
+def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, url) -> None:
     a, b = ledgers
     lock = lock_for(a)
     work = Recorded(a)
@@ -167,17 +173,17 @@ def test_failed_calls_run_again_once_no_batch_is_on_its_way(ledgers, pause, redi
         # the first, until it ran by itself: a batch does not replay a reserve whose key another one took)
         assert ran[2] == "first" and ran[3:] and set(ran[3:]) == {"second"}
         assert two.reservation_id == one.reservation_id
-        assert reserved(redis_url) == 200  # warm and k1, once
+        assert reserved(url) == 200  # warm and k1, once
 
     asyncio.run(main())
 
 
-def test_a_store_serves_one_event_loop_after_another(ledgers, redis_url) -> None:
+def test_a_store_serves_one_event_loop_after_another(ledgers, url) -> None:
     a, _b = ledgers
     for key in ("k1", "k2"):  # each asyncio.run is a new loop: the store opens a connection on each
         lock = lock_for(a)
         asyncio.run(lock.run(lambda key=key: reserve(a, key)))
-    assert reserved(redis_url) == 200
+    assert reserved(url) == 200
 
 
 def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(redis_cluster_url, clock) -> None:
@@ -205,10 +211,10 @@ def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(re
             s.close()
 
 
-def test_a_deferred_batch_without_an_event_loop_is_sent_at_once(ledgers, redis_url) -> None:
+def test_a_deferred_batch_without_an_event_loop_is_sent_at_once(ledgers, url) -> None:
     a, _b = ledgers
     with a.store.batch(deferred=True) as batch:
         batch.current = "k1"
         reserve(a, "k1")
     assert batch.send() is None  # nothing to drive a connection: sent and settled here
-    assert batch.failed == set() and reserved(redis_url) == 100
+    assert batch.failed == set() and reserved(url) == 100

@@ -1341,7 +1341,7 @@ class _Batch:
     def send(self) -> asyncio.Future[list[dict[str, Any]]] | None:
         """A deferred batch's round trip, written on the store's connection of the running event loop (`_Wire`): a
         future of its answers, which the caller settles it with. None when there is nothing to send, or when the
-        store has no such connection (a cluster, TLS): then the batch was sent and settled here, waited for."""
+        store has no such connection (a cluster): then the batch was sent and settled here, waited for."""
         if not self.plans:
             self.abandon()
             return None
@@ -1514,7 +1514,7 @@ class RedisStore:
 
     def wire(self) -> _Wire | None:
         """This process's connection for deferred batches on the running event loop, opened on first use (None: no
-        running loop, a cluster, or a connection it does not speak, TLS; those batches are sent by redis-py, waited
+        running loop, a cluster, or a connection it does not speak; those batches are sent by redis-py, waited
         for)."""
         try:
             loop = asyncio.get_running_loop()
@@ -1524,15 +1524,12 @@ class RedisStore:
         if wire is not None and not wire.closed and wire.loop is loop and wire.pid == os.getpid():
             return wire
         pool = getattr(self.redis, "connection_pool", None)
-        if (
-            self.cluster
-            or pool is None
-            or pool.connection_class not in (redis.Connection, redis.UnixDomainSocketConnection)
-        ):
+        options = _wire_options(pool) if pool is not None and not self.cluster else None
+        if options is None:
             return None
         if wire is not None:  # (another event loop's, or a closed one)
             wire.close()
-        self._wire = wire = _Wire(loop, pool.connection_kwargs)
+        self._wire = wire = _Wire(loop, options)
         return wire
 
     def close(self) -> None:
@@ -1697,13 +1694,30 @@ class _BatchScope:
                 self._give_back()
 
 
+def _wire_options(pool: Any) -> dict[str, Any] | None:
+    """How `_Wire` connects where redis-py's pool does: TCP, a Unix socket, or TLS (rediss://) with the SSL context
+    redis-py itself would build from the same settings; None for what it does not do (OCSP checks, a custom
+    connection class): those batches go through redis-py."""
+    options = dict(pool.connection_kwargs)
+    kind = pool.connection_class
+    if kind in (redis.Connection, redis.UnixDomainSocketConnection):
+        return options
+    if kind is not redis.SSLConnection or options.get("ssl_validate_ocsp") or options.get("ssl_validate_ocsp_stapled"):
+        return None
+    try:
+        options["ssl"] = kind(**pool.connection_kwargs)._build_ssl_context()
+    except AttributeError:  # a redis-py without it: its own connections only
+        return None
+    return options
+
+
 class _Wire(asyncio.Protocol):
-    """A connection to a standalone Redis driven by the event loop: `send` writes a batch's commands and returns at
-    once, a future of their replies; the loop reads them as they come. The server's batches go this way, so that
-    its event loop goes on serving requests (and runs the next batch) during a batch's round trip instead of
-    waiting, blocked, in redis-py. It speaks only what batches send (RESP2: simple, error, integer and bulk replies),
-    answers in order, and fails everything on its way when the connection drops or a reply is `TIMEOUT_S` late
-    (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are.
+    """A connection (TCP, Unix socket or TLS) to a standalone Redis, driven by the event loop: `send` writes a
+    batch's commands and returns at once, a future of their replies; the loop reads them as they come. The server's
+    batches go this way, so that its event loop goes on serving requests (and runs the next batch) during a batch's
+    round trip instead of waiting, blocked, in redis-py. It speaks only what batches send (RESP2: simple, error,
+    integer and bulk replies), answers in order, and fails everything on its way when the connection drops or a
+    reply is `TIMEOUT_S` late (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are.
 
     Why not redis.asyncio: measured on batches of 16 EVALSHA (client CPU per command, same Redis), this connection
     6.2 µs, redis-py's blocking pipeline 14.0 µs, redis.asyncio's pipeline 26.6 µs (without hiredis); at two
@@ -1735,7 +1749,10 @@ class _Wire(asyncio.Protocol):
                 self.loop.create_unix_connection(lambda: self, options["path"])
                 if options.get("path")
                 else self.loop.create_connection(
-                    lambda: self, options.get("host", "localhost"), options.get("port", 6379)
+                    lambda: self,
+                    options.get("host", "localhost"),
+                    options.get("port", 6379),
+                    **({"ssl": options["ssl"], "server_hostname": options.get("host")} if "ssl" in options else {}),
                 )
             )
             await asyncio.wait_for(connect, options.get("socket_connect_timeout") or self.TIMEOUT_S)
