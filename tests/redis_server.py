@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,15 @@ def require_redis() -> None:
         import redis  # noqa: F401
     except ImportError:
         pytest.skip("redis-py is not installed (pip install 'cycles[redis]')")
+
+
+def redis_client(url: str, **options: Any) -> Any:
+    """A plain redis-py client of a store URL's Redis: a `RedisCluster` for `redis+cluster://`."""
+    import redis
+
+    if url.startswith("redis+cluster://"):
+        return redis.RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
+    return redis.Redis.from_url(url, **options)
 
 
 def wait_ready(url: str, timeout: float = 10.0) -> None:

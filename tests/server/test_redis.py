@@ -25,7 +25,7 @@ from cycles.ledger.redis import open_redis
 from cycles.server.sweep import Sweeper
 
 from ..interop._server import CyclesServe
-from ..redis_server import redis_server
+from ..redis_server import redis_client, redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +64,10 @@ def reserve_body(key: str, **extra: Any) -> dict[str, Any]:
 
 def stored(url: str) -> dict[str, dict[str, Any]]:
     """Every record of tenant acme as stored (below the rules, no sweep): key -> data."""
-    import redis
-
-    r = redis.Redis.from_url(url, decode_responses=True)
+    r = redis_client(url, decode_responses=True)
     try:
-        hashes = {k: r.hgetall(k) for k in r.keys("{t:acme}:*") if r.type(k) == "hash"}
+        keys = r.keys("{t:acme}:*", target_nodes="all") if url.startswith("redis+cluster") else r.keys("{t:acme}:*")
+        hashes = {k: r.hgetall(k) for k in keys if r.type(k) == "hash"}
     finally:
         r.close()
     records = {k: json.loads(h["d"]) for k, h in hashes.items()}
@@ -98,13 +97,15 @@ def assert_settled(url: str, allocations: list[int]) -> dict[str, dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ several workers
-@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+@pytest.mark.parametrize("scheme", ["redis", "rediss", "cluster"])
 def test_two_workers_on_one_redis_admit_exactly_what_fits(
     tmp_path: Path, scheme: str, request: pytest.FixtureRequest
 ) -> None:
-    """Over TCP, then over TLS (rediss://, the server's certificate verified: batches on the event loop's own TLS
-    connection)."""
-    redis_url = request.getfixturevalue("redis_url" if scheme == "redis" else "redis_tls_url")
+    """Over TCP, over TLS (rediss://, the server's certificate verified: batches on the event loop's own TLS
+    connection), and on a Redis Cluster (the event loop's connection to each primary)."""
+    redis_url = request.getfixturevalue(
+        {"redis": "redis_url", "rediss": "redis_tls_url"}.get(scheme, "redis_cluster_url")
+    )
     allocations = [10 * B, B, 3 * B]
     with CyclesServe(
         tmp_path, workers=2, store=redis_url, sweep_interval=0.2, extra_args=("--keep-alive", "60")
@@ -126,9 +127,7 @@ def test_two_workers_on_one_redis_admit_exactly_what_fits(
         assert sum(r["status"] == "ACTIVE" for r in reservations.values()) == B // X
 
         # one worker holds the sweep lease, and it expires holds without anyone reading them
-        import redis
-
-        holder = redis.Redis.from_url(redis_url, decode_responses=True).get("cycles:lease:sweep")
+        holder = redis_client(redis_url, decode_responses=True).get("cycles:lease:sweep")
         assert holder is not None and int(holder.split(":")[1]) in server.worker_pids()
         first = next(r.json()["reservation_id"] for r in responses if r.status_code == 200)
         with httpx.Client(base_url=server.url, headers={"X-Cycles-API-Key": key}) as c:

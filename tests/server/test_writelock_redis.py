@@ -2,8 +2,9 @@
 waited for with the event loop blocked; the next batch runs meanwhile and reads what the one on its way wrote; a
 batch whose calls failed runs them again once no batch is on its way, and they settle exactly.
 
-Redis is held still with `CLIENT PAUSE ... WRITE` (reads go on, commit scripts wait), so what happens while a batch
-is on its way is seen without any timing."""
+Each runs on a standalone Redis over TCP, over TLS, and on a 3-node Redis Cluster (a connection per primary). Redis
+is held still with `CLIENT PAUSE ... WRITE` (reads go on, commit scripts wait; on a cluster, every node), so what
+happens while a batch is on its way is seen without any timing."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 from cycles.ledger import Ledger
 from cycles.ledger.redis import open_redis
 from cycles.server.writelock import WriteLock
+
+from ..redis_server import redis_client
 
 redis = pytest.importorskip("redis")
 
@@ -33,10 +36,12 @@ def reserve(ledger: Ledger, key: str, amount: int = 100) -> Any:
     return ledger.reserve(body, tenant="acme")
 
 
-@pytest.fixture(params=["redis", "rediss"])
+@pytest.fixture(params=["redis", "rediss", "cluster"])
 def url(request: pytest.FixtureRequest) -> str:
-    """A standalone Redis over TCP, then over TLS (rediss://, the server's certificate verified)."""
-    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_tls_url")
+    """A standalone Redis over TCP, over TLS (rediss://, the server's certificate verified), a Redis Cluster."""
+    return request.getfixturevalue(
+        {"redis": "redis_url", "rediss": "redis_tls_url"}.get(request.param, "redis_cluster_url")
+    )
 
 
 @pytest.fixture
@@ -51,15 +56,19 @@ def ledgers(url: str, clock: Any) -> Iterator[tuple[Ledger, Ledger]]:
 
 @pytest.fixture
 def pause(url: str) -> Iterator[Any]:
-    """pause(): Redis stops running writes (commit scripts) until unpause(), or 5 s at most."""
-    client = redis.Redis.from_url(url)
+    """pause(): Redis (every node of a cluster) stops running writes (commit scripts) until unpause(), or 5 s at
+    most."""
+    client = redis_client(url)
+    nodes = [n.redis_connection for n in client.get_primaries()] if isinstance(client, redis.RedisCluster) else [client]
 
     class Pause:
         def __call__(self) -> None:
-            client.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+            for node in nodes:
+                node.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
 
         def unpause(self) -> None:
-            client.execute_command("CLIENT", "UNPAUSE")
+            for node in nodes:
+                node.execute_command("CLIENT", "UNPAUSE")
 
     pauser = Pause()
     yield pauser
@@ -85,7 +94,7 @@ class Recorded:
 
 def reserved(url: str) -> int:
     """The tenant budget's reserved counter as Redis holds it (a plain read: it goes on while Redis is paused)."""
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
         return int(client.hget("{t:acme}:b:USD_MICROCENTS:tenant:acme", "r"))
     finally:
@@ -186,29 +195,53 @@ def test_a_store_serves_one_event_loop_after_another(ledgers, url) -> None:
     assert reserved(url) == 200
 
 
-def test_on_a_cluster_batches_are_waited_for_and_failed_calls_still_run_again(redis_cluster_url, clock) -> None:
-    """A store without a connection of the loop's (a cluster: redis-py routes each script to its node) sends each
-    batch at its end, waited for; a call that fails there is run again all the same."""
-    stores = [open_redis(redis_cluster_url), open_redis(redis_cluster_url)]
-    a, b = Ledger(stores[0], clock=clock), Ledger(stores[1], clock=clock)
+def test_a_cluster_batch_whose_slot_moved_meanwhile_still_commits(redis_cluster_url, clock) -> None:
+    """The tenant's slot moves to another node (keys and all, as a resharding does) after the store mapped the
+    cluster: the batch's script, written to the old node, is redirected (MOVED) and runs on the new one, once."""
+    store = open_redis(redis_cluster_url)
+    a = Ledger(store, clock=clock)
     try:
-        b.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
+        a.admin.create_budget({"scope": "tenant:acme", "unit": USD, "allocated": usd(1_000)})
         lock = lock_for(a)
-        work = Recorded(a)
-        ran = work.ran
 
-        async def main() -> None:
-            await lock.run(lambda: reserve(a, "warm"))  # a remembers the budget
-            b.admin.freeze("tenant:acme", USD, tenant="acme")  # another process writes it: a's copy is stale
-            b.admin.unfreeze("tenant:acme", USD, tenant="acme")
-            await asyncio.wait_for(lock.run(lambda: work("first", "k1")), 60)  # (a hang guard, not a timing)
+        async def main() -> Any:
+            await lock.run(lambda: reserve(a, "warm"))  # the store's connections are open, the cluster mapped
+            move_slot(redis_cluster_url, "{t:acme}")
+            return await asyncio.wait_for(lock.run(lambda: reserve(a, "k1")), 60)  # (a hang guard, not a timing)
 
-        asyncio.run(main())
-        assert ran == ["first", "first"]  # failed at Redis, ran again
-        assert b.balances({"tenant": "acme"}, tenant="acme").balances[0].reserved.amount == 200
+        assert asyncio.run(main()).decision == "ALLOW"
+        assert reserved(redis_cluster_url) == 200
+        assert (
+            a.reserve(
+                {"idempotency_key": "k1", "subject": {"tenant": "acme"}, "action": ACTION, "estimate": usd(100)},
+                tenant="acme",
+            ).decision
+            == "ALLOW"
+        )  # a replay: still 200
+        assert reserved(redis_cluster_url) == 200
     finally:
-        for s in stores:
-            s.close()
+        store.close()
+
+
+def move_slot(url: str, tag: str) -> None:
+    """Move the slot of hash tag `tag`, with its keys, to another primary (CLUSTER SETSLOT and MIGRATE, as
+    `redis-cli --cluster reshard` does), telling every node."""
+    cluster = redis_client(url)
+    try:
+        slot = cluster.keyslot(tag)
+        source = cluster.get_node_from_key(tag)
+        target = next(n for n in cluster.get_primaries() if n.name != source.name)
+        src, dst = source.redis_connection, target.redis_connection
+        src_id, dst_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10_000)
+        if keys:
+            src.execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.get_primaries():
+            node.redis_connection.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    finally:
+        cluster.close()
 
 
 def test_a_deferred_batch_without_an_event_loop_is_sent_at_once(ledgers, url) -> None:

@@ -40,8 +40,9 @@ The server batches (`Store.batch`, see _Batch): the calls one event loop iterati
 script per slot running each call's part in order, after one MSET of the batch's pointers, all in one pipeline, so
 a round trip is shared by the whole batch; a call whose records another process changed fails alone (with the later
 calls that read its writes) and runs again. The server's batches are deferred: written on a connection the event
-loop drives (`_Wire`) instead of waited for in redis-py, so the loop goes on serving requests meanwhile and runs
-the next batch, which reads what the batch on its way wrote as its scripts will leave it (`pending`; checked like
+loop drives (`_Wire`: TCP, a Unix socket or TLS; on a cluster `_ClusterWire`, one to each primary, the pointers
+answered before the scripts go) instead of waited for in redis-py, so the loop goes on serving requests meanwhile
+and runs the next batch, which reads what the batch on its way wrote as its scripts will leave it (`pending`; checked like
 any read, so a guess that did not land only fails the calls that relied on it). Under contention a store takes the
 slot's *turn* (`take_turn`: a short-lived key every commit script of that slot checks), so that two busy processes
 take turns instead of failing each other forever.
@@ -1339,9 +1340,10 @@ class _Batch:
             self.settle(answers)
 
     def send(self) -> asyncio.Future[list[dict[str, Any]]] | None:
-        """A deferred batch's round trip, written on the store's connection of the running event loop (`_Wire`): a
-        future of its answers, which the caller settles it with. None when there is nothing to send, or when the
-        store has no such connection (a cluster): then the batch was sent and settled here, waited for."""
+        """A deferred batch's round trip, written on the store's connections of the running event loop (`_Wire`,
+        `_ClusterWire`): a future of its answers, which the caller settles it with. None when there is nothing to
+        send, or when the store has no such connection (no running loop, a connection they do not speak): then the
+        batch was sent and settled here, waited for."""
         if not self.plans:
             self.abandon()
             return None
@@ -1359,13 +1361,15 @@ class _Batch:
         tenants = sorted(trip.tenants - store._indexed)
         if tenants:
             commands.append(("ZADD", TENANTS, *[x for t in tenants for x in ("0", t)]))
-        if trip.pointers:
+        if trip.pointers and store.cluster:  # each pointer in a slot of its own
+            commands += [("SET", pointer, value) for pointer, value in trip.pointers.items()]
+        elif trip.pointers:
             commands.append(trip.mset())
         first = len(commands)
         commands += trip.scripts(store)
         try:
             with store.errors():
-                replies = wire.send(commands)
+                replies = wire.send(commands, first)  # (the pointers land before the scripts run)
         except BaseException:
             self.abandon()
             raise
@@ -1476,7 +1480,7 @@ class RedisStore:
         self._offset_ms = 0.0
         self._sampled = -1e9
         self._lock = threading.Lock()
-        self._wire: _Wire | None = None
+        self._wire: _Wire | _ClusterWire | None = None
         self.load_scripts()
 
     # --------------------------------------------------------------------------------------------- connection
@@ -1512,10 +1516,10 @@ class RedisStore:
         and settles it (see _Batch)."""
         return _BatchScope(self, turn=self.hot_slots(), deferred=deferred)
 
-    def wire(self) -> _Wire | None:
-        """This process's connection for deferred batches on the running event loop, opened on first use (None: no
-        running loop, a cluster, or a connection it does not speak; those batches are sent by redis-py, waited
-        for)."""
+    def wire(self) -> _Wire | _ClusterWire | None:
+        """This process's connection for deferred batches on the running event loop (a cluster's: one per primary),
+        opened on first use (None: no running loop, or a connection it does not speak; those batches are sent by
+        redis-py, waited for)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop here: nothing to drive a connection
@@ -1523,14 +1527,18 @@ class RedisStore:
         wire = self._wire
         if wire is not None and not wire.closed and wire.loop is loop and wire.pid == os.getpid():
             return wire
-        pool = getattr(self.redis, "connection_pool", None)
-        options = _wire_options(pool) if pool is not None and not self.cluster else None
-        if options is None:
-            return None
+        if self.cluster:
+            fresh: _Wire | _ClusterWire = _ClusterWire(loop, self.redis)
+        else:
+            pool = getattr(self.redis, "connection_pool", None)
+            options = _wire_options(pool) if pool is not None else None
+            if options is None:
+                return None
+            fresh = _Wire(loop, options)
         if wire is not None:  # (another event loop's, or a closed one)
             wire.close()
-        self._wire = wire = _Wire(loop, options)
-        return wire
+        self._wire = fresh
+        return fresh
 
     def close(self) -> None:
         if self._wire is not None and self._wire.pid == os.getpid():
@@ -1774,7 +1782,9 @@ class _Wire(asyncio.Protocol):
             self.transport.write(b"".join(self.unsent))  # type: ignore[union-attr]
             self.unsent = []
 
-    def send(self, commands: Sequence[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+    def send(self, commands: Sequence[tuple[Any, ...]], first: int = 0) -> asyncio.Future[list[Any]]:
+        """Write `commands`, a future of their replies. (`first`: the commands to be answered before the rest run;
+        on one connection Redis runs them in order anyway.)"""
         if self.closed:
             raise RedisConnectionError("the connection to Redis was closed")
         parts = []
@@ -1846,6 +1856,136 @@ class _Wire(asyncio.Protocol):
             self.connecting.cancel()
 
 
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN")  # a cluster's answers to a command that ran nowhere: it may run elsewhere
+
+
+class _ClusterWire:
+    """A Redis Cluster's connections driven by the event loop: a `_Wire` to each primary, each command written to
+    the one that owns its key's slot as redis-py last mapped the cluster. `send(commands, first)`: the first `first`
+    commands (write-once pointers, the tenant index) are answered before the rest (the commit scripts) are written,
+    as on one connection. A command the cluster redirects (MOVED or ASK: its slot is moving; TRYAGAIN) ran nowhere:
+    it is sent again through redis-py, which follows the cluster, waited for (rare: a resharding). A connection
+    lost makes the next batch map the cluster again first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Any) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self.client = client
+        self.wires: dict[str, _Wire] = {}
+        self.closed = False
+        self.tail: asyncio.Future[None] = loop.create_future()  # the last batch's scripts are written
+        self.tail.set_result(None)
+
+    def _wire_for(self, command: tuple[Any, ...]) -> _Wire:
+        key = command[3] if command[0] == "EVALSHA" else command[1]  # (EVALSHA sha numkeys key ...)
+        node = self.client.get_node_from_key(key)
+        wire = self.wires.get(node.name)
+        if wire is None or wire.closed:
+            if any(w.closed for w in self.wires.values()):  # a node went away: the map may be stale
+                self.client.nodes_manager.initialize()
+                node = self.client.get_node_from_key(key)
+                self.wires = {name: w for name, w in self.wires.items() if not w.closed}
+            pool = getattr(node.redis_connection, "connection_pool", None)
+            options = _wire_options(pool) if pool is not None else None
+            if options is None:
+                raise RedisConnectionError(f"no connection to the cluster node {node.name}")
+            wire = self.wires[node.name] = _Wire(self.loop, options)
+        return wire
+
+    def send(self, commands: Sequence[tuple[Any, ...]], first: int = 0) -> asyncio.Future[list[Any]]:
+        answers: asyncio.Future[list[Any]] = self.loop.create_future()
+        replies: list[Any] = [None] * len(commands)
+        # a batch's scripts are written after the previous batch's (each node's connection keeps that order), as on
+        # one connection: a batch reads what the one before it wrote, so it must run after it
+        prior = self.tail
+        self.tail = written = self.loop.create_future()
+
+        def failed(exc: BaseException) -> None:
+            if not written.done():
+                written.set_result(None)
+            if not answers.done():
+                answers.set_exception(exc)
+
+        def scripts(_prior: Any = None) -> None:
+            if not prior.done():
+                prior.add_done_callback(scripts)
+                return
+            try:
+                self._write(commands, range(first, len(commands)), replies, answers, finish, failed)
+            finally:
+                if not written.done():
+                    written.set_result(None)
+
+        def finish() -> None:
+            answers.set_result(replies)
+
+        if first:
+            self._write(commands, range(first), replies, answers, scripts, failed)
+        else:
+            scripts()
+        return answers
+
+    def _write(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        at: range,
+        replies: list[Any],
+        answers: asyncio.Future[list[Any]],
+        then: Callable[[], None],
+        failed: Callable[[BaseException], None],
+    ) -> None:
+        """Write commands `at` to their nodes; once every reply is in (redirected ones followed), `then()`, unless
+        the batch failed meanwhile."""
+        try:
+            by_wire: dict[_Wire, list[int]] = {}
+            for i in at:
+                by_wire.setdefault(self._wire_for(commands[i]), []).append(i)
+            sent = [(wire.send([commands[i] for i in indexes]), indexes) for wire, indexes in by_wire.items()]
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the replies
+            failed(exc)
+            return
+        left = [len(sent)]
+
+        def landed(got: asyncio.Future[list[Any]], indexes: list[int]) -> None:
+            if answers.done():  # failed already (another node's connection)
+                return
+            try:
+                for i, reply in zip(indexes, got.result(), strict=True):
+                    replies[i] = reply
+                left[0] -= 1
+                if left[0] == 0:
+                    self._follow(commands, replies, at)
+                    then()
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the replies
+                failed(exc)
+
+        for got, indexes in sent:
+            got.add_done_callback(functools.partial(landed, indexes=indexes))
+
+    def _follow(self, commands: Sequence[tuple[Any, ...]], replies: list[Any], phase: range) -> None:
+        for i in phase:
+            reply = replies[i]
+            if isinstance(reply, redis.exceptions.ResponseError) and str(reply).startswith(_REDIRECTS):
+                try:
+                    replies[i] = self.client.execute_command(*commands[i])
+                except redis.exceptions.ResponseError as exc:  # the command's own error, as from the node
+                    replies[i] = exc
+
+    def close(self) -> None:
+        self.closed = True
+        for wire in self.wires.values():
+            wire.close()
+
+
+_ERRORS: dict[str, type[Exception]] = {}  # error replies redis-py has a class of its own for, told apart here
+if redis is not None:
+    _ERRORS.update(
+        NOSCRIPT=redis.exceptions.NoScriptError,
+        TRYAGAIN=redis.exceptions.TryAgainError,
+        CLUSTERDOWN=redis.exceptions.ClusterDownError,
+    )
+
+
 def _reply(buffer: bytes, at: int) -> tuple[Any, int] | None:
     """One RESP2 reply at `at` and where the next begins; None if it has not all arrived. A bulk string stays bytes
     (JSON, parsed by its reader), an error reply becomes redis-py's exception for it."""
@@ -1866,8 +2006,7 @@ def _reply(buffer: bytes, at: int) -> tuple[Any, int] | None:
         return int(line), end + 2
     if kind == 45:  # - error
         message = line.decode()
-        error = redis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else redis.exceptions.ResponseError
-        return error(message), end + 2
+        return _ERRORS.get(message.split(" ", 1)[0], redis.exceptions.ResponseError)(message), end + 2
     if kind == 42:  # * array
         items, at = [], end + 2
         for _ in range(int(line)):
