@@ -12,6 +12,7 @@ processes, each on SQLite and on that Redis, side by side in one run (section "h
 
 Run: python benchmarks/http.py [--seconds S] [--rounds R] [--clients 32] [--workers 2] [--no-record]
      python benchmarks/http.py --store redis://127.0.0.1:6379/0 [--rounds R] [--processes 1,2,4]
+     python benchmarks/http.py --store redis+cluster://127.0.0.1:7000 (or rediss://...): the same on a cluster (TLS)
      python benchmarks/http.py --profile   # also sample every worker with py-spy during the 32-client phase and
                                          # print where their time goes (needs `pip install py-spy`)
 """
@@ -431,24 +432,34 @@ def table(single: dict[str, Any], rounds: list[dict[str, Any]], clients: int, wo
 # ------------------------------------------------------------------------------------------ stores compared
 
 
-def flush(url: str) -> None:
+SECTIONS = {"redis": "http-stores", "rediss": "http-stores-tls", "redis+cluster": "http-stores-cluster"}
+
+
+def redis_client(url: str, **options: Any) -> Any:
     import redis
 
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    if url.startswith("redis+cluster://"):
+        return redis.RedisCluster.from_url("redis://" + url[len("redis+cluster://") :], **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def flush(url: str) -> None:
+    client = redis_client(url)
+    client.flushdb()  # (a cluster: on every primary)
     client.close()
 
 
 def redis_info(url: str) -> str:
-    import redis
-
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis_client(url, decode_responses=True)
     try:
-        config = client.config_get("appendonly") | client.config_get("appendfsync")
-        version = client.info("server")["redis_version"]
+        node = client.get_primaries()[0].redis_connection if url.startswith("redis+cluster://") else client
+        config = node.config_get("appendonly") | node.config_get("appendfsync")
+        version = node.info("server")["redis_version"]
+        kind = f"A {len(client.get_primaries())}-node Redis Cluster" if node is not client else "Redis"
     finally:
         client.close()
-    return f"Redis {version}, appendonly {config['appendonly']}, appendfsync {config['appendfsync']}"
+    tls = " over TLS" if url.startswith("rediss://") else ""
+    return f"{kind}{tls} ({version}), appendonly {config['appendonly']}, appendfsync {config['appendfsync']}"
 
 
 def measure(
@@ -543,13 +554,13 @@ def compare_stores(args: argparse.Namespace) -> None:
         f"cell (slowest–fastest in brackets), each cell on a fresh server and fresh data. {redis_info(args.store)}, "
         f"on the same 2 cores as the servers and the generator; SQLite in WAL mode, synchronous=NORMAL. Load "
         f"average (1 min): {load}.",
-        "",
-        SATURATION,
     ]
+    if args.store.startswith("redis://"):
+        lines += ["", SATURATION]
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        record("http-stores", text)
+        record(SECTIONS[args.store.split("://", 1)[0]], text)
 
 
 def main() -> None:
@@ -563,12 +574,16 @@ def main() -> None:
         "--profile", action="store_true", help="sample the workers with py-spy during the multi-client phase"
     )
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
-    parser.add_argument("--store", help="redis://host:port/db: compare SQLite and this Redis (it is flushed!)")
+    parser.add_argument(
+        "--store",
+        help="redis://host:port/db, rediss://... or redis+cluster://host:port: compare SQLite and this Redis "
+        "(it is flushed!); recorded in section http-stores, http-stores-tls or http-stores-cluster",
+    )
     parser.add_argument("--processes", default="1,2,4", help="server processes to compare the stores at")
     args = parser.parse_args()
     if args.store:
-        if not args.store.startswith("redis://"):
-            raise SystemExit("--store takes a redis:// URL (SQLite is always measured beside it)")
+        if args.store.split("://", 1)[0] not in SECTIONS:
+            raise SystemExit("--store takes a redis://, rediss:// or redis+cluster:// URL (SQLite is measured beside)")
         compare_stores(args)
         return
 
