@@ -33,7 +33,7 @@ kept with them) live in fields of their own beside the record, and a `move` (res
 sent as deltas the script adds itself (HINCRBY), under a condition instead of the exact version: the budget's
 *static* version (`w`: everything but the two counters, changed only by a write of the whole record) is the one
 read, and a move that lowers remaining leaves it above zero. Those are the facts the rules decide on for a budget
-they only move (see `_settle_moves`), so two processes reserving against one budget do not fail each other until
+they only move (see `_seal`), so two processes reserving against one budget do not fail each other until
 it runs out. A move to zero or below, a debt, or a budget written whole checks the exact version as before.
 
 The server batches (`Store.batch`, see _Batch): the calls one event loop iteration gathered commit together, one
@@ -42,10 +42,10 @@ a round trip is shared by the whole batch; a call whose records another process 
 calls that read its writes) and runs again. The server's batches are deferred: written on a connection the event
 loop drives (`_Wire`: TCP, a Unix socket or TLS; on a cluster `_ClusterWire`, one to each primary, the pointers
 answered before the scripts go) instead of waited for in redis-py, so the loop goes on serving requests meanwhile
-and runs the next batch, which reads what the batch on its way wrote as its scripts will leave it (`pending`; checked like
-any read, so a guess that did not land only fails the calls that relied on it). Under contention a store takes the
-slot's *turn* (`take_turn`: a short-lived key every commit script of that slot checks), so that two busy processes
-take turns instead of failing each other forever.
+and runs the next batch, which reads what the batch on its way wrote as its scripts will leave it (`pending`;
+checked like any read, so a guess that did not land only fails the calls that relied on it). Under contention a
+store takes the slot's *turn* (`take_turn`: a short-lived key every commit script of that slot checks), so that two
+busy processes take turns instead of failing each other forever.
 
 Only the expiry sweep writes more than one tenant in one transaction (a read sweeps every tenant's due holds
 first): each tenant's writes then commit in their own slot's script, the operation's own tenant (the last
@@ -113,10 +113,11 @@ except ImportError:  # pragma: no cover - the redis extra is not installed
 
 # One slot's part of one or more transactions, in order: for each, check the versions it read and the conditions of
 # its moves, then apply its writes and moves; or apply nothing of it and report the records that changed. KEYS[1]:
-# the slot's turn (see `take_turn`), then every key the parts touch; ARGV[1]: JSON [[checks, ops, moves], ...] with
-# checks [key index, version, ...], ops P k version data | B k version data reserved spent remaining (a budget) |
-# Z k score member | X k member, and moves [key index, static version, token, reserved delta, spent delta,
-# remaining delta, its opposite, lowers, ...] (see `RedisTransaction.move`); ARGV[2]: this store's owner token.
+# the slot's turn (see `take_turn`), then every key the parts touch (declared: the parts name them); ARGV[1]: JSON
+# [[checks, ops, moves], ...] with checks [key, version, ...], ops P k version data | B k version data reserved spent
+# remaining (a budget) | Z k score member | X k member, and moves [key, static version, token, reserved delta, spent
+# delta, remaining delta, its opposite, lowers, ...] (see `RedisTransaction.move`); ARGV[2]: this store's owner
+# token.
 # Answers JSON: per part, 0 (committed), [0, key, version, reserved, spent, ...] (committed, with what its moves left)
 # or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn. Only strings
 # cross, and counters change by HINCRBY (int64, exact): no number of the ledger ever becomes a Lua double (a
@@ -140,13 +141,13 @@ for p = 1, #parts do
   local checks, ops, moves = parts[p][1], parts[p][2], parts[p][3]
   local changed = {}
   for c = 1, #checks, 2 do
-    local key = KEYS[checks[c]]
+    local key = checks[c]
     if (redis.call('HGET', key, 'v') or '0') ~= checks[c + 1] then report(changed, key) end
   end
   if #changed == 0 then
     local applied = 0
     for m = 1, #moves, 8 do
-      local key = KEYS[moves[m]]
+      local key = moves[m]
       local fine = redis.call('HGET', key, 'w') == moves[m + 1]
       if fine then
         local left = redis.pcall('HINCRBY', key, 'm', moves[m + 5])
@@ -160,13 +161,13 @@ for p = 1, #parts do
       applied = m
     end
     if #changed > 0 then
-      for m = 1, applied, 8 do redis.call('HINCRBY', KEYS[moves[m]], 'm', moves[m + 6]) end
+      for m = 1, applied, 8 do redis.call('HINCRBY', moves[m], 'm', moves[m + 6]) end
     end
   end
   if #changed == 0 then
     local i = 1
     while i <= #ops do
-      local op, key = ops[i], KEYS[ops[i + 1]]
+      local op, key = ops[i], ops[i + 1]
       if op == 'P' then
         redis.call('HSET', key, 'v', ops[i + 2], 'd', ops[i + 3])
         i = i + 4
@@ -186,7 +187,7 @@ for p = 1, #parts do
     if #moves > 0 then
       changed = {0}
       for m = 1, #moves, 8 do
-        local key = KEYS[moves[m]]
+        local key = moves[m]
         redis.call('HINCRBY', key, 'r', moves[m + 3])
         redis.call('HINCRBY', key, 's', moves[m + 4])
         local version = redis.sha1hex(redis.call('HGET', key, 'v') .. moves[m + 2])
@@ -316,10 +317,9 @@ class RedisTransaction:
         self._expired: set[str] = set()  # reservation ids this transaction took off a TTL index
         self._last_slot: str | None = None
         self._changed_slots: set[str] = set()  # slots a change (not only an observability record) is written in
-        self._versions: dict[str, str] = {}  # key -> the version its write gets
-        self._datas: dict[str, str] = {}  # key -> the JSON its write stores
+        self._out: dict[str, tuple[str, str]] = {}  # key -> (version, data) its write leaves (see _seal)
         self._moves: dict[str, list[int]] = {}  # budget key -> [reserved, spent] deltas applied by the script
-        self._tokens: dict[str, str] = {}  # budget key -> the token its move's new version is made from
+        self._tokens: dict[str, tuple[str, str, str]] = {}  # moved budget key -> (token, its record, static version)
         self._landed: dict[str, tuple[str, str, str]] = {}  # budget key -> (version, reserved, spent) after its move
         batch = store.open_batch
         self._batch = batch if batch is not None and batch.thread == threading.get_ident() else None
@@ -432,56 +432,70 @@ class RedisTransaction:
             slot = _slot_of(key)
             found = parts.get(slot)
             if found is None:
-                found = parts[slot] = _Part([], [])
+                found = parts[slot] = _Part()
+            found.keys.append(key)
             return found
 
         read = self._read
         moves = self._moves
         writes = self._writes
+        inserted = self._inserted
+        out = self._out
         for key, (version, _data) in read.items():
             if key not in moves:  # a moved budget is checked by its move's condition instead
-                part(key).checks.append((key, version))
-        for key in self._inserted:
+                part(key).checks += (key, version)
+        for key in inserted:
             if key not in read:  # inserted without being read: it must not exist yet
-                part(key).checks.append((key, "0"))
+                part(key).checks += (key, "0")
         for key, (value, names) in writes.items():
             target = part(key)
-            if key not in read and key not in self._inserted:  # written without being read: likewise
-                target.checks.append((key, "0"))
-            data = self._data(key)
+            if key not in read and key not in inserted:  # written without being read: likewise
+                target.checks += (key, "0")
+            version, data = out[key]
             if names is _BUDGET:
-                record = data[: data.index("\0")]
                 counters = (str(value.reserved), str(value.spent), str(value.remaining))
-                target.ops.append(("B", key, self._version(key), record, *counters))
+                target.ops += ("B", key, version, data[: data.index("\0")], *counters)
             else:
-                target.ops.append(("P", key, self._version(key), data))
+                target.ops += ("P", key, version, data)
         for op in self._index:
-            part(op[1]).ops.append(op)
+            part(op[1]).ops += op
         tokens = self._tokens
         for key, (reserved, spent) in moves.items():
-            static = read[key][1].rsplit("\0", 1)[1]  # type: ignore[union-attr]
+            token, _record, static = tokens[key]
             drop = reserved + spent
-            deltas = (str(reserved), str(spent), str(-drop), str(drop), "1" if drop > 0 else "0")
-            part(key).moves.append((key, static, tokens[key], *deltas))
+            lowers = "1" if drop > 0 else "0"
+            part(key).moves += (key, static, token, str(reserved), str(spent), str(-drop), str(drop), lowers)
         return parts
 
-    def _settle_moves(self) -> None:
-        """Which moves commit as deltas. One does when the budget's static version (everything but reserved and
+    def _seal(self) -> None:
+        """Fix what the transaction's writes leave, once it ends (its records no longer change): each key's new
+        version and data (`_out`: a budget's as the cache holds it, `_joined`; a moved one's as this transaction
+        expects the script to leave it), read by the commit, the batch's later transactions and the cache alike.
+        Versions are unique (`_unique`), so a version seen twice is the same write, whoever else wrote meanwhile.
+
+        First, which moves commit as deltas. One does when the budget's static version (everything but reserved and
         spent: status, limits, debt, the over-limit flag) is still the one read and, if it lowers remaining, remaining
         stays above zero: the rules decide on a budget they only move by exactly those facts (allowed: remaining at
         least the amount; no budget.exhausted: remaining after it above zero). A move that leaves remaining at zero
         or below (this transaction's decisions rest on its exact value), or one of a budget stored before the
         counters had fields of their own, writes the record whole and checks its exact version."""
-        for key in list(self._moves):
-            b = self._objects[key]
-            version, data = self._read[key]
-            reserved, spent = self._moves[key]
+        objects, read, out = self._objects, self._read, self._out
+        for key, (reserved, spent) in list(self._moves.items()):
+            b = objects[key]
+            version, data = read[key]
             if "\0" not in data or (reserved + spent > 0 and b.remaining <= 0):  # type: ignore[operator]
                 del self._moves[key]
                 self._writes[key] = (b, _BUDGET)
             else:  # the version the script gives it: unique, and foreseeable by the later transactions of a batch
-                self._tokens[key] = token = _unique()
-                self._versions[key] = hashlib.sha1((version + token).encode()).hexdigest()
+                token = _unique()
+                record, _reserved, _spent, static = data.split("\0")  # type: ignore[union-attr]
+                self._tokens[key] = (token, record, static)
+                landing = hashlib.sha1((version + token).encode()).hexdigest()
+                out[key] = (landing, _joined(record, b.reserved, b.spent, static))
+        for key, (value, names) in self._writes.items():
+            version = _unique()
+            data = to_json(value).decode()  # a record: its fields, as a dataclass serialises; or plain JSON data
+            out[key] = (version, _joined(data, value.reserved, value.spent, version) if names is _BUDGET else data)
 
     def _commit(self, *, check_only: bool) -> None:
         plan = self._plan(check_only)
@@ -505,7 +519,7 @@ class RedisTransaction:
         if check_only:
             self._writes, self._index, self._pointers, self._moves = {}, [], {}, {}
         if writing:
-            self._settle_moves()
+            self._seal()
         parts = self._parts()
         primary = self._last_slot if writing else None
         followers: dict[str, _Part] = {}
@@ -516,7 +530,8 @@ class RedisTransaction:
             # does (a crash in between loses it; it never invents one). Its records are new (random ids): written
             # without a check.
             for slot in [s for s in parts if s != primary and s not in self._changed_slots]:
-                followers[slot] = _Part([], parts.pop(slot).ops)
+                written = parts.pop(slot)
+                followers[slot] = _Part(ops=written.ops, keys=written.keys)
         return _Plan(self, parts, primary, writing, followers=followers)
 
     def _settle(self, plan: _Plan, answers: dict[str, Any]) -> None:
@@ -548,39 +563,16 @@ class RedisTransaction:
         if plan.writing:
             self._remember_written()
 
-    def _version(self, key: str) -> str:
-        """The version this transaction's write gives `key`: unique (`_unique`), so a version seen twice is the same
-        write, whoever else wrote the record meanwhile."""
-        version = self._versions.get(key)
-        if version is None:
-            version = self._versions[key] = _unique()
-        return version
-
-    def _data(self, key: str) -> str:
-        """The data written at `key` (once the transaction ends: its records no longer change); a budget's as the
-        cache holds it (`_joined`), a moved one's as this transaction expects the script to leave it."""
-        data = self._datas.get(key)
-        if data is None:
-            if key in self._moves:
-                b = self._objects[key]
-                record, _reserved, _spent, static = self._read[key][1].split("\0")  # type: ignore[union-attr]
-                data = _joined(record, b.reserved, b.spent, static)
-            else:
-                value, names = self._writes[key]
-                data = to_json(value).decode()  # a record: its fields, as a dataclass serialises
-                if names is _BUDGET:
-                    data = _joined(data, value.reserved, value.spent, self._version(key))
-            self._datas[key] = data
-        return data
-
     def _remember_written(self) -> None:
         cache = self._store.cache
         if len(cache) > CACHE_LIMIT:
             cache.clear()
+        out = self._out
         for key in self._writes:
-            cache[key] = (self._version(key), self._data(key))
+            cache[key] = out[key]
+        tokens = self._tokens
         for key, (version, reserved, spent) in self._landed.items():  # as the script left them, others' moves too
-            record, _reserved, _spent, static = self._read[key][1].split("\0")  # type: ignore[union-attr]
+            _token, record, static = tokens[key]
             cache[key] = (version, _joined(record, reserved, spent, static))
 
     # ------------------------------------------------------------------------------------------------ idempotency
@@ -650,7 +642,7 @@ class RedisTransaction:
 
     def move(self, budgets: Sequence[BudgetRecord], *, reserved: int = 0, spent: int = 0, debt: int = 0) -> None:
         """Reserved and spent deltas are applied by the commit script (HINCRBY), not written as the new record: two
-        processes moving one budget then do not fail each other's transactions (see `_settle_moves` for the
+        processes moving one budget then do not fail each other's transactions (see `_seal` for the
         condition each move commits under). A debt, or a budget written whole as well, writes the record."""
         for b in budgets:
             b.reserved += reserved
@@ -1176,11 +1168,13 @@ _OUTBOX, _AUDIT, _DELIVERY = map(_fields, (OutboxEvent, AuditRecord, DeliveryRec
 
 @dataclasses.dataclass(slots=True)
 class _Part:
-    """One slot's part of a transaction: versions to check, then writes (ops naming their keys)."""
+    """One slot's part of a transaction, flat as the commit script reads it (see COMMIT): versions to check, writes
+    (ops naming their keys), budget moves; `keys`, every key they name (the script declares them)."""
 
-    checks: list[tuple[str, str]]
-    ops: list[tuple[str, ...]]
-    moves: list[tuple[str, ...]] = dataclasses.field(default_factory=list)  # budget deltas (see COMMIT)
+    checks: list[str] = dataclasses.field(default_factory=list)
+    ops: list[str] = dataclasses.field(default_factory=list)
+    moves: list[str] = dataclasses.field(default_factory=list)
+    keys: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1210,22 +1204,13 @@ class _Trip:
                 self.slots.setdefault(slot, []).append((n, part))
                 if part.ops:
                     self.tenants.add(slot[3:-1])
-        self.calls: list[tuple[str, list[str], str]] = []  # (slot, keys, payload)
+        self.calls: list[tuple[str, list[str], bytes]] = []  # (slot, keys, payload)
         for slot, parts in self.slots.items():
-            keys: dict[str, int] = {slot + ":turn": 1}
-
-            def at(key: str, keys: dict[str, int] = keys) -> int:
-                return keys.setdefault(key, len(keys) + 1)
-
-            payload = [
-                [
-                    [x for key, version in part.checks for x in (at(key), version)],
-                    [x for op in part.ops for x in (op[0], at(op[1]), *op[2:])],
-                    [x for move in part.moves for x in (at(move[0]), *move[1:])],
-                ]
-                for _n, part in parts
-            ]
-            self.calls.append((slot, list(keys), to_json(payload).decode()))
+            keys = [slot + ":turn"]
+            for _n, part in parts:
+                keys += part.keys
+            payload = to_json([(part.checks, part.ops, part.moves) for _n, part in parts])
+            self.calls.append((slot, list(dict.fromkeys(keys)), payload))
 
     def mset(self) -> tuple[str, ...]:
         """The pointers as one command (a standalone Redis: on one connection, it runs before the scripts)."""
@@ -1330,8 +1315,7 @@ class _Batch:
         self.plans.append((self.current, plan))
         tx = plan.tx
         if plan.writing:
-            for key in [*tx._writes, *tx._moves]:
-                self.overlay[key] = (tx._version(key), tx._data(key))
+            self.overlay.update(tx._out)
 
     def flush(self) -> None:
         if self.plans:
