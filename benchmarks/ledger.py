@@ -2,6 +2,12 @@
 memory, with p50/p99 per operation, side by side with a bare SQLite pair: the same statements on the same schema with
 no Python logic at all (the floor for any ledger on this machine). Run: python benchmarks/ledger.py [--pairs N].
 
+With `--store redis://host:port/0` (it is flushed!) it compares the stores' CPU instead, as `cycles serve` runs them:
+calls in batches of 16 (`Store.batch`: one transaction on SQLite, one round trip on Redis), CPU time of this thread
+per reserve+commit pair, for the SQLite file, that Redis and the bare pair, interleaved rounds (section
+"ledger-stores" of RESULTS.md). The ledger minus the bare pair is what the rules and records cost in Python: what
+any store adds to it is the store's own.
+
 The machine is a shared 2-core VM whose speed moves minute to minute, so each store runs in interleaved rounds
 (ledger, then bare) and the table reports the median round, with the slowest and fastest rounds beside it."""
 
@@ -55,29 +61,34 @@ class Bare:
             self.db.execute(f"INSERT INTO budgets ({_BUDGET_COLS}) VALUES ({','.join('?' * 18)})", values)
         self.seq = 0
 
-    def pairs(self, n: int) -> float:
+    def pairs(self, n: int, batch: int = 1) -> float:
+        """n pairs; `batch` reserves in one transaction, then their commits in another (the server's batches)."""
         db, start = self.db, time.perf_counter()
         fp = "f" * 64
-        for _ in range(n):
-            self.seq += 1
-            rid, now = f"res_{self.seq:025x}", 1_763_900_000_000 + self.seq
+        for _ in range(n // batch):
+            held = []
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(self.MOVE, [(5_000_000, 0, 0, scope, USD) for scope in SCOPES])
-            db.execute(
-                _INSERT_RESERVATION,
-                (
-                    rid, "acme", f"r{self.seq}", '{"tenant":"acme","workspace":"prod","agent":"bot"}',
-                    '{"kind":"llm.completion","name":"gpt-4o"}', USD, 5_000_000, SCOPES[-1], '["' + '","'.join(SCOPES) + '"]',
-                    "ACTIVE", now, now + 60_000, 0, "ALLOW_IF_AVAILABLE", 0, None, fp, '{"decision":"ALLOW"}',
-                    "prod", None, None, "bot", None,
-                ),
-            )  # fmt: skip
+            for _ in range(batch):
+                self.seq += 1
+                rid, now = f"res_{self.seq:025x}", 1_763_900_000_000 + self.seq
+                db.executemany(self.MOVE, [(5_000_000, 0, 0, scope, USD) for scope in SCOPES])
+                db.execute(
+                    _INSERT_RESERVATION,
+                    (
+                        rid, "acme", f"r{self.seq}", '{"tenant":"acme","workspace":"prod","agent":"bot"}',
+                        '{"kind":"llm.completion","name":"gpt-4o"}', USD, 5_000_000, SCOPES[-1], '["' + '","'.join(SCOPES) + '"]',
+                        "ACTIVE", now, now + 60_000, 0, "ALLOW_IF_AVAILABLE", 0, None, fp, '{"decision":"ALLOW"}',
+                        "prod", None, None, "bot", None,
+                    ),
+                )  # fmt: skip
+                held.append((rid, now))
             db.execute("COMMIT")
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(self.MOVE, [(-5_000_000, 3_100_000, 0, scope, USD) for scope in SCOPES])
-            db.execute(self.SETTLE, ("COMMITTED", now + 60_000, 0, 3_100_000, now, None, f"c{self.seq}", fp, "{}", rid))
+            for rid, now in held:
+                db.executemany(self.MOVE, [(-5_000_000, 3_100_000, 0, scope, USD) for scope in SCOPES])
+                db.execute(self.SETTLE, ("COMMITTED", now + 60_000, 0, 3_100_000, now, None, f"c{rid}", fp, "{}", rid))
             db.execute("COMMIT")
-        return n / (time.perf_counter() - start)
+        return n // batch * batch / (time.perf_counter() - start)
 
 
 class Pairs:
@@ -132,11 +143,95 @@ def measure(name: str, tmp: str, pairs: int) -> dict[str, float]:
     }  # fmt: skip
 
 
+BATCH = 16
+
+
+def batched_cpu(ledger: Ledger, pairs: int, seq: list[int]) -> float:
+    """CPU µs per pair (this thread) of `pairs` reserve+commit pairs in batches of BATCH, as the server runs them."""
+    subject = Subject(tenant="acme", workspace="prod", agent="bot")
+    action = Action(kind="llm.completion", name="gpt-4o")
+    estimate, actual = Amount(unit=USD, amount=5_000_000), Amount(unit=USD, amount=3_100_000)
+    store = ledger.store
+    start = time.thread_time_ns()
+    for _ in range(pairs // BATCH):
+        ids = []
+        with store.batch() as batch:
+            for _ in range(BATCH):
+                seq[0] += 1
+                request = ReservationCreateRequest(
+                    idempotency_key=f"r{seq[0]}", subject=subject, action=action, estimate=estimate
+                )
+                ids.append(ledger.reserve(request).reservation_id)
+        assert batch is None or not batch.failed  # one process: nothing to conflict with
+        with store.batch() as batch:
+            for rid in ids:
+                seq[0] += 1
+                ledger.commit(rid, CommitRequest(idempotency_key=f"c{seq[0]}", actual=actual))  # type: ignore[arg-type]
+        assert batch is None or not batch.failed
+    return (time.thread_time_ns() - start) / (pairs // BATCH * BATCH) / 1000
+
+
+def compare_stores(url: str, pairs: int, record_it: bool) -> None:
+    import redis
+
+    from cycles.ledger import open_store
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        ledgers = {"SQLite file": Pairs(str(Path(tmp) / "ledger.db")).ledger, "Redis": Ledger(open_store(url))}
+        for scope in SCOPES:
+            ledgers["Redis"].admin.create_budget(
+                {"scope": scope, "unit": USD, "allocated": {"unit": USD, "amount": 10**15}}
+            )
+        bare = Bare(str(Path(tmp) / "bare.db"))
+        seq = [0]
+        per_round = max(BATCH, pairs // ROUNDS)
+        cpu: dict[str, list[float]] = {name: [] for name in [*ledgers, "bare pair"]}
+        for ledger in ledgers.values():
+            batched_cpu(ledger, 1_000, seq)  # warm-up
+        bare.pairs(1_000, BATCH)
+        for _ in range(ROUNDS):
+            for name, ledger in ledgers.items():
+                cpu[name].append(batched_cpu(ledger, per_round, seq))
+            start = time.thread_time_ns()
+            bare.pairs(per_round, BATCH)
+            cpu["bare pair"].append((time.thread_time_ns() - start) / (per_round // BATCH * BATCH) / 1000)
+        for ledger in ledgers.values():
+            ledger.store.close()
+        bare.db.close()
+    med = {name: statistics.median(values) for name, values in cpu.items()}
+    rules = med["SQLite file"] - med["bare pair"]
+    lines = [
+        "| ledger, batches of 16 | CPU µs per pair (median round) | slowest / fastest round | beyond the rules |",
+        "|---|---|---|---|",
+    ]
+    for name, values in cpu.items():
+        beyond = f"{med[name] - rules:.0f}" if name != "bare pair" else "—"
+        lines.append(f"| {name} | {med[name]:.0f} | {max(values):.0f} / {min(values):.0f} | {beyond} |")
+    lines.append(
+        f"\n{pairs:,} pairs per row in {ROUNDS} rounds, rows interleaved, one thread, three budgeted levels; CPU time "
+        "of this thread (redis-server's own is not counted). The rules and records cost the SQLite ledger minus the "
+        f"bare pair, about {rules:.0f} µs; 'beyond the rules' is each store's own share: SQLite's statements, or the "
+        "Redis store's versioned records, commit plan, script payloads, round trip and replies. Load average at the "
+        f"end: {os.getloadavg()[0]:.1f}."
+    )
+    table = "\n".join(lines)
+    print(table)
+    if record_it:
+        record("ledger-stores", table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pairs", type=int, default=20_000)
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--store", help="redis://host:port/db: compare the stores' CPU per pair (it is flushed!)")
     args = parser.parse_args()
+    if args.store:
+        compare_stores(args.store, args.pairs, not args.no_record)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = [(name, measure(name, tmp, args.pairs)) for name in ("file", "memory")]
     lines = [
