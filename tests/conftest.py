@@ -65,6 +65,14 @@ def redis_tls_url(redis_tls_session) -> str:
     return redis_tls_session.url
 
 
+@pytest.fixture(params=["redis", "rediss", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """Each kind of Redis the store speaks, emptied for this test: standalone over TCP, over TLS (rediss://, the
+    server's certificate verified) and a 3-node Redis Cluster (redis+cluster://)."""
+    kinds = {"redis": "redis_url", "rediss": "redis_tls_url", "cluster": "redis_cluster_url"}
+    return request.getfixturevalue(kinds[request.param])
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_session():
     """A 3-node Redis Cluster (3 masters, no replicas) for the whole session; skipped when redis-server is absent."""

@@ -157,8 +157,9 @@ def redis_server(*args: str) -> Iterator[RedisProcess]:
 
 
 @contextmanager
-def redis_cluster(nodes: int = 3) -> Iterator[list[RedisProcess]]:
-    """`nodes` masters (no replicas) joined with `redis-cli --cluster create`."""
+def redis_cluster(nodes: int = 3, *args: str) -> Iterator[list[RedisProcess]]:
+    """`nodes` masters (no replicas) joined with `redis-cli --cluster create`; `args` for every node's redis-server
+    (after the defaults: they win)."""
     require_redis()
     if REDIS_CLI is None:
         pytest.skip("redis-cli is not installed (it comes with redis-server)")
@@ -171,7 +172,7 @@ def redis_cluster(nodes: int = 3) -> Iterator[list[RedisProcess]]:
                 # a cluster node also listens on its port + 10000 (the cluster bus)
                 servers.append(
                     RedisProcess(path, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                 "--appendonly", "no", port=free_port(below=55_536)).start()
+                                 "--appendonly", "no", *args, port=free_port(below=55_536)).start()
                 )  # fmt: skip
             subprocess.run(
                 [REDIS_CLI, "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in servers],

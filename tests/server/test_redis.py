@@ -25,7 +25,7 @@ from cycles.ledger.redis import open_redis
 from cycles.server.sweep import Sweeper
 
 from ..interop._server import CyclesServe
-from ..redis_server import redis_client, redis_server
+from ..redis_server import redis_client, redis_cluster, redis_server
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +97,10 @@ def assert_settled(url: str, allocations: list[int]) -> dict[str, dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ several workers
-@pytest.mark.parametrize("scheme", ["redis", "rediss", "cluster"])
-def test_two_workers_on_one_redis_admit_exactly_what_fits(
-    tmp_path: Path, scheme: str, request: pytest.FixtureRequest
-) -> None:
-    """Over TCP, over TLS (rediss://, the server's certificate verified: batches on the event loop's own TLS
-    connection), and on a Redis Cluster (the event loop's connection to each primary)."""
-    redis_url = request.getfixturevalue(
-        {"redis": "redis_url", "rediss": "redis_tls_url"}.get(scheme, "redis_cluster_url")
-    )
+def test_two_workers_on_one_redis_admit_exactly_what_fits(tmp_path: Path, any_redis_url: str) -> None:
+    """Over TCP, over TLS (batches on the event loop's own TLS connection) and on a Redis Cluster (the loop's
+    connection to each primary)."""
+    redis_url = any_redis_url
     allocations = [10 * B, B, 3 * B]
     with CyclesServe(
         tmp_path, workers=2, store=redis_url, sweep_interval=0.2, extra_args=("--keep-alive", "60")
@@ -315,3 +310,38 @@ def test_redis_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: 
             with httpx.Client(base_url=server.url) as c:
                 assert c.get("/readyz").status_code == 200
         check_committed(redis_proc.url, load, allocations)
+
+
+def test_a_cluster_node_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: Path) -> None:
+    """The primary holding the tenant's slot stops (SIGSTOP) and is killed and restarted under load: the server's
+    connections to it (its batches go on the event loop's connection to each primary) fail with 503s, never other
+    errors, and are opened again once it is back; every acknowledged commit is there."""
+    allocations = [10**15] * 3
+    with redis_cluster(3, "--appendonly", "yes", "--appendfsync", "always") as nodes:
+        url = f"redis+cluster://127.0.0.1:{nodes[0].port}?socket_timeout=0.5&socket_connect_timeout=0.5"
+        cluster = redis_client(url)
+        owner = next(n for n in nodes if n.port == cluster.get_node_from_key("{t:acme}").port)
+        cluster.close()
+        with CyclesServe(tmp_path, store=url, sweep_interval=0.5) as server:
+            key = setup_tenant(server, allocations)
+            load = Load(server.url, key)
+
+            async def outages() -> None:
+                await asyncio.sleep(1.0)
+                owner.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+                await asyncio.sleep(2.0)
+                owner.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                await asyncio.sleep(1.0)
+                owner.kill()
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(owner.start)
+
+            asyncio.run(load.run(1.5, during=outages))
+            assert load.unavailable, "no request met the outage"
+            assert not load.other_errors, load.other_errors[:3]
+            for body in load.unavailable:
+                assert body["error"] == "INTERNAL_ERROR" and "Redis" in body["message"] and body["request_id"], body
+            last_503 = max(t for t, status in load.statuses if status == 503)
+            assert any(t > last_503 and status == 200 for t, status in load.statuses), "no recovery after the outage"
+            asyncio.run(load.redo())
+        check_committed(url, load, allocations)

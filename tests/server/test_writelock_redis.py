@@ -36,12 +36,9 @@ def reserve(ledger: Ledger, key: str, amount: int = 100) -> Any:
     return ledger.reserve(body, tenant="acme")
 
 
-@pytest.fixture(params=["redis", "rediss", "cluster"])
-def url(request: pytest.FixtureRequest) -> str:
-    """A standalone Redis over TCP, over TLS (rediss://, the server's certificate verified), a Redis Cluster."""
-    return request.getfixturevalue(
-        {"redis": "redis_url", "rediss": "redis_tls_url"}.get(request.param, "redis_cluster_url")
-    )
+@pytest.fixture
+def url(any_redis_url: str) -> str:
+    return any_redis_url
 
 
 @pytest.fixture

@@ -1709,7 +1709,7 @@ class _Wire(asyncio.Protocol):
     batches go this way, so that its event loop goes on serving requests (and runs the next batch) during a batch's
     round trip instead of waiting, blocked, in redis-py. It speaks only what batches send (RESP2: simple, error,
     integer and bulk replies), answers in order, and fails everything on its way when the connection drops or a
-    reply is `TIMEOUT_S` late (redis-py's socket timeout): StoreUnavailable, as redis-py's errors are.
+    reply is late (redis-py's socket timeout, as the URL sets it): StoreUnavailable, as redis-py's errors are.
 
     Why not redis.asyncio: measured on batches of 16 EVALSHA (client CPU per command, same Redis), this connection
     6.2 µs, redis-py's blocking pipeline 14.0 µs, redis.asyncio's pipeline 26.6 µs (without hiredis); at two
@@ -1726,6 +1726,7 @@ class _Wire(asyncio.Protocol):
         self.buffer = b""
         self.waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]]]] = deque()  # (replies due, got, future)
         self.timer: asyncio.TimerHandle | None = None
+        self.timeout = options.get("socket_timeout") or self.TIMEOUT_S  # redis-py's, as the store's URL set it
         hello: list[tuple[Any, ...]] = []
         if options.get("password"):
             hello.append(("AUTH", *([options["username"]] if options.get("username") else []), options["password"]))
@@ -1784,15 +1785,15 @@ class _Wire(asyncio.Protocol):
         else:
             self.unsent += parts
         if self.timer is None:
-            self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, replies)
+            self.timer = self.loop.call_later(self.timeout, self._late, replies)
         return replies
 
     def _late(self, replies: asyncio.Future[list[Any]]) -> None:
         self.timer = None
         if self.waiting and self.waiting[0][2] is replies:  # the same round trip is still not answered
-            self._fail(RedisTimeoutError(f"Redis did not answer within {self.TIMEOUT_S:g} s"))
+            self._fail(RedisTimeoutError(f"Redis did not answer within {self.timeout:g} s"))
         elif self.waiting:
-            self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, self.waiting[0][2])
+            self.timer = self.loop.call_later(self.timeout, self._late, self.waiting[0][2])
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
@@ -1812,7 +1813,7 @@ class _Wire(asyncio.Protocol):
                 replies.set_result(got)
             if self.timer is not None:
                 self.timer.cancel()
-                self.timer = self.loop.call_later(self.TIMEOUT_S, self._late, waiting[0][2]) if waiting else None
+                self.timer = self.loop.call_later(self.timeout, self._late, waiting[0][2]) if waiting else None
         self.buffer = buffer[at:]
 
     def connection_lost(self, exc: Exception | None) -> None:
