@@ -34,15 +34,20 @@ def redis_session():
         yield server
 
 
+def emptied(server) -> str:
+    """A session redis-server's URL, its database emptied first."""
+    import redis
+
+    client = redis.Redis.from_url(server.url)
+    client.flushdb()
+    client.close()
+    return server.url
+
+
 @pytest.fixture
 def redis_url(redis_session) -> str:
     """The session's redis-server, emptied for this test."""
-    import redis
-
-    client = redis.Redis.from_url(redis_session.url)
-    client.flushdb()
-    client.close()
-    return redis_session.url
+    return emptied(redis_session)
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +62,7 @@ def redis_tls_session():
 @pytest.fixture
 def redis_tls_url(redis_tls_session) -> str:
     """The TLS session server, emptied for this test: `rediss://...?ssl_ca_certs=<its certificate>`."""
-    import redis
-
-    client = redis.Redis.from_url(redis_tls_session.url)
-    client.flushdb()
-    client.close()
-    return redis_tls_session.url
+    return emptied(redis_tls_session)
 
 
 @pytest.fixture(params=["redis", "rediss", "cluster"])

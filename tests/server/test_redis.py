@@ -281,67 +281,49 @@ def test_kill_9_of_a_server_under_load_loses_no_acknowledged_commit(tmp_path: Pa
         check_committed(redis_proc.url, load, allocations)
 
 
-def test_redis_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: Path) -> None:
+def outage_under_load(tmp_path: Path, url: str, target: Any) -> None:
+    """`cycles serve` on `url` under load while `target` (a RedisProcess) stops (SIGSTOP) for 2 s, then is killed
+    and restarted: 503s with the protocol's body, never another error, recovery once it is back, and every
+    acknowledged commit kept."""
     allocations = [10**15] * 3
+    with CyclesServe(tmp_path, store=url, sweep_interval=0.5) as server:
+        key = setup_tenant(server, allocations)
+        load = Load(server.url, key)
+
+        async def outages() -> None:
+            await asyncio.sleep(1.0)
+            target.process.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(2.0)
+            target.process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(1.0)
+            target.kill()
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(target.start)
+
+        asyncio.run(load.run(1.5, during=outages))
+        assert load.unavailable, "no request met the outage"
+        assert not load.other_errors, load.other_errors[:3]
+        for body in load.unavailable:
+            assert body["error"] == "INTERNAL_ERROR" and "Redis" in body["message"] and body["request_id"], body
+        last_503 = max(t for t, status in load.statuses if status == 503)
+        assert any(t > last_503 and status == 200 for t, status in load.statuses), "no recovery after the outage"
+        asyncio.run(load.redo())
+        with httpx.Client(base_url=server.url) as c:
+            assert c.get("/readyz").status_code == 200
+    check_committed(url, load, allocations)
+
+
+def test_redis_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: Path) -> None:
     with redis_server("--appendonly", "yes", "--appendfsync", "always") as redis_proc:
-        url = redis_proc.url + "?socket_timeout=0.5&socket_connect_timeout=0.5"
-        with CyclesServe(tmp_path, store=url, sweep_interval=0.5) as server:
-            key = setup_tenant(server, allocations)
-            load = Load(server.url, key)
-
-            async def outages() -> None:
-                await asyncio.sleep(1.0)
-                redis_proc.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-                await asyncio.sleep(2.0)
-                redis_proc.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-                await asyncio.sleep(1.0)
-                redis_proc.kill()
-                await asyncio.sleep(1.0)
-                await asyncio.to_thread(redis_proc.start)
-
-            asyncio.run(load.run(1.5, during=outages))
-            assert load.unavailable, "no request met the outage"
-            assert not load.other_errors, load.other_errors[:3]
-            for body in load.unavailable:
-                assert body["error"] == "INTERNAL_ERROR" and "Redis" in body["message"] and body["request_id"], body
-            last_503 = max(t for t, status in load.statuses if status == 503)
-            assert any(t > last_503 and status == 200 for t, status in load.statuses), "no recovery after the outage"
-            asyncio.run(load.redo())
-            with httpx.Client(base_url=server.url) as c:
-                assert c.get("/readyz").status_code == 200
-        check_committed(redis_proc.url, load, allocations)
+        outage_under_load(tmp_path, redis_proc.url + "?socket_timeout=0.5&socket_connect_timeout=0.5", redis_proc)
 
 
 def test_a_cluster_node_paused_and_restarted_mid_load_gives_503s_then_recovers(tmp_path: Path) -> None:
-    """The primary holding the tenant's slot stops (SIGSTOP) and is killed and restarted under load: the server's
-    connections to it (its batches go on the event loop's connection to each primary) fail with 503s, never other
-    errors, and are opened again once it is back; every acknowledged commit is there."""
-    allocations = [10**15] * 3
+    """The primary holding the tenant's slot: the server's connection to it (its batches go on the event loop's
+    connection to each primary) fails with 503s, and is opened again once it is back."""
     with redis_cluster(3, "--appendonly", "yes", "--appendfsync", "always") as nodes:
         url = f"redis+cluster://127.0.0.1:{nodes[0].port}?socket_timeout=0.5&socket_connect_timeout=0.5"
         cluster = redis_client(url)
         owner = next(n for n in nodes if n.port == cluster.get_node_from_key("{t:acme}").port)
         cluster.close()
-        with CyclesServe(tmp_path, store=url, sweep_interval=0.5) as server:
-            key = setup_tenant(server, allocations)
-            load = Load(server.url, key)
-
-            async def outages() -> None:
-                await asyncio.sleep(1.0)
-                owner.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-                await asyncio.sleep(2.0)
-                owner.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-                await asyncio.sleep(1.0)
-                owner.kill()
-                await asyncio.sleep(1.0)
-                await asyncio.to_thread(owner.start)
-
-            asyncio.run(load.run(1.5, during=outages))
-            assert load.unavailable, "no request met the outage"
-            assert not load.other_errors, load.other_errors[:3]
-            for body in load.unavailable:
-                assert body["error"] == "INTERNAL_ERROR" and "Redis" in body["message"] and body["request_id"], body
-            last_503 = max(t for t, status in load.statuses if status == 503)
-            assert any(t > last_503 and status == 200 for t, status in load.statuses), "no recovery after the outage"
-            asyncio.run(load.redo())
-        check_committed(url, load, allocations)
+        outage_under_load(tmp_path, url, owner)
