@@ -4,6 +4,8 @@ whose reads another process changed fails alone, with every later one that read 
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -107,3 +109,23 @@ def test_moves_that_would_overdraw_fail_and_run_again_on_the_real_balance(ledger
     with pytest.raises(BudgetExceeded):
         reserve(b, "none-left", amount=1)
     assert reserved(a) == 1_000
+
+
+def test_a_settled_batch_and_its_transactions_are_freed_by_reference_counting(ledgers) -> None:
+    """A batch's transactions hold their batch while it runs; once it is settled it lets them go, so neither is
+    cyclic garbage (left to the collector, a batch's records cost a server a sixth of its CPU)."""
+    a, _b = ledgers
+    reserve(a, "warm")
+    gc.collect()
+    gc.disable()
+    try:
+        with a.store.batch() as batch:
+            for i in range(3):
+                batch.current = i
+                reserve(a, f"k{i}")
+        freed = weakref.ref(batch)  # (each transaction holds it: it outlives none of them)
+        del batch
+        assert freed() is None
+    finally:
+        gc.enable()
+    assert reserved(a) == 400

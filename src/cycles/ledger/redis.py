@@ -1403,7 +1403,9 @@ class _Batch:
 
     def abandon(self) -> None:
         """Done with: what it wrote is read from the cache from now on (once settled, as it landed); its turn goes
-        back."""
+        back; its transactions go (each holds its batch: kept, they would make every batch cyclic garbage, left to
+        the collector)."""
+        self.plans = []
         pending = self.store.pending
         for key in self.overlay:
             if pending.get(key, (None, None))[1] is self:  # (not written again by a batch sent after it)
