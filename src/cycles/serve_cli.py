@@ -111,11 +111,11 @@ def serve(
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if workers == 1:
-        from .server import app_from_env  # fail fast (bad store URL, missing extra) before binding the port
+        from .server.app import served_app  # fail fast (bad store URL, missing extra) before binding the port
 
-        app: object = app_from_env()
+        app: object = served_app()
     else:
-        app = "cycles.server:app_from_env"
+        app = "cycles.server.app:served_app"
     # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a finished service should
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(

