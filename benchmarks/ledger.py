@@ -2,8 +2,8 @@
 memory, with p50/p99 per operation, side by side with a bare SQLite pair: the same statements on the same schema with
 no Python logic at all (the floor for any ledger on this machine). Run: python benchmarks/ledger.py [--pairs N].
 
-With `--store redis://host:port/0` (it is flushed!) it compares the stores' CPU instead, as `cycles serve` runs them:
-calls in batches of 16 (`Store.batch`: one transaction on SQLite, one round trip on Redis), CPU time of this thread
+With `--store redis://host:port/0` (it is flushed!) it compares the stores' CPU instead, as `cycles serve` runs them
+(its collector tuning too): calls in batches of 16 (`Store.batch`: one transaction on SQLite, one round trip on Redis), CPU time of this thread
 per reserve+commit pair, for the SQLite file, that Redis and the bare pair, interleaved rounds (section
 "ledger-stores" of RESULTS.md). The ledger minus the bare pair is what the rules and records cost in Python: what
 any store adds to it is the store's own.
@@ -12,6 +12,10 @@ The machine is a shared 2-core VM whose speed moves minute to minute, so each st
 (ledger, then bare) and the table reports the median round, with the slowest and fastest rounds beside it."""
 
 from __future__ import annotations
+
+import sys
+
+sys.path.append(sys.path.pop(0))  # this folder last: the sibling http.py must not shadow the stdlib `http` package
 
 import argparse
 import os
@@ -175,6 +179,9 @@ def compare_stores(url: str, pairs: int, record_it: bool) -> None:
     import redis
 
     from cycles.ledger import open_store
+    from cycles.server.app import tune_gc
+
+    tune_gc()  # the collector as `cycles serve` runs it
 
     client = redis.Redis.from_url(url)
     client.flushdb()
