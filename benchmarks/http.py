@@ -503,20 +503,18 @@ def redis_pids() -> list[int]:
 
 
 SATURATION = (
-    "Where the Redis store stands, and why. One process: the event loop does not wait for Redis (each batch of calls "
-    "is written on a connection the loop drives and settled when its replies arrive, the next batch running "
-    "meanwhile), so the process is CPU-bound, and its CPU per pair is about twice SQLite's: measured (/proc, one "
-    "process, 32 clients) about 415 µs against 221. Of those, the ledger takes about 240 µs on Redis against 76 on "
-    "SQLite (`python benchmarks/ledger.py --store redis://...`, section ledger-stores: batched as the server runs "
-    "them, no HTTP), of which the rules and records are the same 48 on both; the rest, about 175 µs on Redis against "
-    "145, is HTTP, the server's batching and its connection to the store. So the Redis store's own share (about 190 "
-    "µs per pair: versioned records, the commit plan, the scripts' payloads, replies) would have to vanish entirely "
-    "for one Redis process to match one SQLite process, whose store share is its SQL (28): that takes the budget "
-    "rules into Redis (Lua), written a second time. redis-server's own CPU (about 95 µs per pair) runs on the other "
-    "core. Several processes: reserves and commits of one budget move its counters in the script without failing "
-    "each other, so a second process adds what it has a core for; on these 2 cores, shared with redis-server and the "
-    "generator, and with uvicorn's workers taking the 32 connections unevenly (one worker often holds most of them), "
-    "2 processes gain part of a core and 4 nothing more."
+    "Where the Redis store stands, and why. One process is CPU-bound on either store: about 315 µs of CPU per pair "
+    "on Redis (the CPU column, less redis-server's ~90) against about 210 on SQLite. The ledger's share (section "
+    "ledger-stores: batched as the server runs it, no HTTP) is about 200 µs on Redis against 74 on SQLite, of which "
+    "the rules and records are about 45 on both: the store's own share is about 150 µs on Redis (versioned records, "
+    "the commit plan, the scripts' payloads, replies, in Python) against SQLite's 29 (its SQL, in C). The rest, HTTP "
+    "and the server's batching, costs about the same on both. The floor under a Redis store's share (the same "
+    "writes sent with no versions, checks or cache: the least Redis pair) measures 35 µs, so what stands between "
+    "the stores on one process is the optimistic transactions' Python, about 115 µs per pair, not Redis. Several "
+    "processes: reserves and commits of one budget move its counters in the script without failing each other, so "
+    "a second process adds what it has a core for; on these 2 cores, shared with redis-server and the generator, "
+    "and with uvicorn's workers taking the 32 connections unevenly (one worker often holds most of them), 2 "
+    "processes gain little and 4 nothing more."
 )
 
 
