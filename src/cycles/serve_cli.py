@@ -116,14 +116,9 @@ def serve(
         app: object = served_app()
     else:
         app = "cycles.server.app:served_app"
-    # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a finished service should
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
-        factory=workers > 1,
+    config = dict(
         host=host,
         port=port,
-        workers=workers if workers > 1 else None,
         log_level=log_level.lower(),
         timeout_graceful_shutdown=graceful_timeout,
         timeout_keep_alive=keep_alive,
@@ -131,6 +126,17 @@ def serve(
         access_log=log_level.lower() in ("trace", "debug", "info"),  # above info its lines are dropped: skip the work
         **_fast_io(),
     )
+    from .server import workers as worker_processes
+
+    if workers > 1 and worker_processes.supported():  # Linux: a listening socket per worker (server/workers.py)
+        try:
+            code = worker_processes.serve({"app": app, "factory": True, **config}, workers, graceful_timeout)
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc}", param_hint="--port") from None
+        raise typer.Exit(code)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; exit 0 then, as a finished service should
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, factory=workers > 1, workers=workers if workers > 1 else None, **config)  # type: ignore[arg-type]
 
 
 def _fast_io() -> dict[str, str]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 from cycles import Client
 from cycles.ledger import SQLiteStore
 
-from ..interop._server import CyclesServe
+from ..interop._server import CyclesServe, cycles_command
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +237,69 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, workers: int) ->
     assert reserved == {scope: in_flight * X for scope in LEVELS}
 
     assert code == 0, server.log  # a graceful stop is a clean exit, with one worker or several
+
+
+# ------------------------------------------------------------------------------------- the worker processes
+def tcp_sockets(pid: int, port: int) -> dict[str, list[int]]:
+    """The TCP sockets process `pid` holds on local `port`, by state ("LISTEN", "ESTABLISHED"): their inodes
+    (from /proc: the process's socket descriptors matched with the kernel's TCP table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    states = {"0A": "LISTEN", "01": "ESTABLISHED"}
+    out: dict[str, list[int]] = {"LISTEN": [], "ESTABLISHED": []}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], int(fields[9])
+        if local_port == port and inode in inodes and state in states:
+            out[states[state]].append(inode)
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers are Linux's")
+def test_each_worker_listens_on_its_own_socket_and_connections_spread_over_them(tmp_path: Path) -> None:
+    """One listening socket shared by every worker lets the first to wake accept a whole burst of connections;
+    a socket each (SO_REUSEPORT) lets the kernel spread them: 32 connections, both workers serve some."""
+    with CyclesServe(tmp_path, workers=2, extra_args=("--keep-alive", "60")) as server:
+        workers = server.worker_pids()
+        assert len(workers) == 2
+        listening = [tcp_sockets(pid, server.port)["LISTEN"] for pid in workers]
+        assert all(len(inodes) == 1 for inodes in listening) and listening[0] != listening[1], listening
+        connections = []
+        try:
+            for _ in range(32):
+                sock = socket.create_connection(("127.0.0.1", server.port))
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "a connection was not served"
+                connections.append(sock)
+            served = [len(tcp_sockets(pid, server.port)["ESTABLISHED"]) for pid in workers]
+        finally:
+            for sock in connections:
+                sock.close()
+        assert sum(served) == 32 and min(served) > 0, served  # (all on one: a chance of 1 in 2**31)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT workers are Linux's")
+def test_a_worker_that_dies_is_replaced_and_a_second_server_cannot_take_the_port(tmp_path: Path) -> None:
+    with CyclesServe(tmp_path, workers=2) as server:
+        first, second = server.worker_pids()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while first in (now := server.worker_pids()) or len(now) < 2:
+            assert time.monotonic() < deadline, f"the dead worker was not replaced:\n{server.log}"
+            time.sleep(0.1)
+        assert second in now
+        for _ in range(10):
+            assert httpx.get(server.url + "/readyz").status_code == 200
+
+        other = subprocess.run(
+            [*cycles_command(), "serve", "--store", f"sqlite:///{tmp_path / 'other.db'}", "--host", "127.0.0.1",
+             "--port", str(server.port), "--workers", "2", "--log-level", "warning"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert other.returncode != 0 and "Address already in use" in other.stdout + other.stderr, other
