@@ -422,7 +422,7 @@ def table(single: dict[str, Any], rounds: list[dict[str, Any]], clients: int, wo
         f"One SQLite file (WAL), three budgeted levels, every reserve and commit a distinct idempotency key, no "
         f"denials. 1 client: {single['pairs']:,} sequential pairs in {single['elapsed']:.1f} s; {clients} clients: "
         f"{len(rounds)} rounds of {multi['elapsed']:.1f} s ({multi['pairs']:,} pairs in the median one; latencies and "
-        "CPU from that round), each client on its own connection running reserve→commit back to back. Load average (1 min): {load}; the run itself keeps about 3 processes busy "
+        f"CPU from that round), each client on its own connection running reserve→commit back to back. Load average (1 min): {load}; the run itself keeps about 3 processes busy "
         "(2 workers, the generator), so more than that is other work sharing the 2 cores, and the figures move with "
         "it. The Java figures are the reference server's published ones (its own hardware), quoted, not re-measured.",
     ]
