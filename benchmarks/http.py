@@ -511,10 +511,9 @@ SATURATION = (
     "and the server's batching, costs about the same on both. The floor under a Redis store's share (the same "
     "writes sent with no versions, checks or cache: the least Redis pair) measures 35 µs, so what stands between "
     "the stores on one process is the optimistic transactions' Python, about 115 µs per pair, not Redis. Several "
-    "processes: reserves and commits of one budget move its counters in the script without failing each other, so "
-    "a second process adds what it has a core for; on these 2 cores, shared with redis-server and the generator, "
-    "and with uvicorn's workers taking the 32 connections unevenly (one worker often holds most of them), 2 "
-    "processes gain little and 4 nothing more."
+    "processes: reserves and commits of one budget move its counters in the script without failing each other, and "
+    "each worker listens on its own socket (the connections spread evenly), so a second process adds what it has a "
+    "core for: about a fifth on these 2 cores, shared with redis-server and the generator; 4 add nothing more."
 )
 
 
