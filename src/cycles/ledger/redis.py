@@ -114,10 +114,11 @@ except ImportError:  # pragma: no cover - the redis extra is not installed
 # One slot's part of one or more transactions, in order: for each, check the versions it read and the conditions of
 # its moves, then apply its writes and moves; or apply nothing of it and report the records that changed. KEYS[1]:
 # the slot's turn (see `take_turn`), then every key the parts touch (declared: the parts name them); ARGV[1]: JSON
-# [[checks, ops, moves], ...] with checks [key, version, ...], ops P k version data | B k version data reserved spent
-# remaining (a budget) | Z k score member | X k member, and moves [key, static version, token, reserved delta, spent
-# delta, remaining delta, its opposite, lowers, ...] (see `RedisTransaction.move`); ARGV[2]: this store's owner
-# token.
+# [[checks, ops, moves, base], ...] with checks [key, version, ...], ops P k version data | B k version data reserved
+# spent remaining (a budget) | Z k score member | X k member, and moves [key, static version, token, reserved delta,
+# spent delta, remaining delta, its opposite, lowers, ...] (see `RedisTransaction.move`); ARGV[2]: this store's owner
+# token; then the records' data, ARGV[base + n] for an op's data n (sent as they are: no JSON string escaped inside
+# JSON on either side).
 # Answers JSON: per part, 0 (committed), [0, key, version, reserved, spent, ...] (committed, with what its moves left)
 # or [key, version, data, ...] (nothing done); or "turn" while another store holds the slot's turn. Only strings
 # cross, and counters change by HINCRBY (int64, exact): no number of the ledger ever becomes a Lua double (a
@@ -138,7 +139,7 @@ local function report(changed, key)
   end
 end
 for p = 1, #parts do
-  local checks, ops, moves = parts[p][1], parts[p][2], parts[p][3]
+  local checks, ops, moves, base = parts[p][1], parts[p][2], parts[p][3], parts[p][4]
   local changed = {}
   for c = 1, #checks, 2 do
     local key = checks[c]
@@ -169,11 +170,11 @@ for p = 1, #parts do
     while i <= #ops do
       local op, key = ops[i], ops[i + 1]
       if op == 'P' then
-        redis.call('HSET', key, 'v', ops[i + 2], 'd', ops[i + 3])
+        redis.call('HSET', key, 'v', ops[i + 2], 'd', ARGV[base + ops[i + 3]])
         i = i + 4
       elseif op == 'B' then
-        redis.call('HSET', key, 'v', ops[i + 2], 'w', ops[i + 2], 'd', ops[i + 3], 'r', ops[i + 4], 's', ops[i + 5],
-                   'm', ops[i + 6])
+        redis.call('HSET', key, 'v', ops[i + 2], 'w', ops[i + 2], 'd', ARGV[base + ops[i + 3]], 'r', ops[i + 4],
+                   's', ops[i + 5], 'm', ops[i + 6])
         i = i + 7
       elseif op == 'Z' then
         redis.call('ZADD', key, ops[i + 2], ops[i + 3])
@@ -453,10 +454,12 @@ class RedisTransaction:
                 target.checks += (key, "0")
             version, data = out[key]
             if names is _BUDGET:
+                target.datas.append(data[: data.index("\0")])
                 counters = (str(value.reserved), str(value.spent), str(value.remaining))
-                target.ops += ("B", key, version, data[: data.index("\0")], *counters)
+                target.ops += ("B", key, version, len(target.datas), *counters)
             else:
-                target.ops += ("P", key, version, data)
+                target.datas.append(data)
+                target.ops += ("P", key, version, len(target.datas))
         for op in self._index:
             part(op[1]).ops += op
         tokens = self._tokens
@@ -531,7 +534,7 @@ class RedisTransaction:
             # without a check.
             for slot in [s for s in parts if s != primary and s not in self._changed_slots]:
                 written = parts.pop(slot)
-                followers[slot] = _Part(ops=written.ops, keys=written.keys)
+                followers[slot] = _Part(ops=written.ops, keys=written.keys, datas=written.datas)
         return _Plan(self, parts, primary, writing, followers=followers)
 
     def _settle(self, plan: _Plan, answers: dict[str, Any]) -> None:
@@ -1169,12 +1172,14 @@ _OUTBOX, _AUDIT, _DELIVERY = map(_fields, (OutboxEvent, AuditRecord, DeliveryRec
 @dataclasses.dataclass(slots=True)
 class _Part:
     """One slot's part of a transaction, flat as the commit script reads it (see COMMIT): versions to check, writes
-    (ops naming their keys), budget moves; `keys`, every key they name (the script declares them)."""
+    (ops naming their keys and their data by number), budget moves; `keys`, every key they name (the script declares
+    them); `datas`, the data written."""
 
     checks: list[str] = dataclasses.field(default_factory=list)
-    ops: list[str] = dataclasses.field(default_factory=list)
+    ops: list[Any] = dataclasses.field(default_factory=list)
     moves: list[str] = dataclasses.field(default_factory=list)
     keys: list[str] = dataclasses.field(default_factory=list)
+    datas: list[str] = dataclasses.field(default_factory=list)  # the records written: op data n is datas[n - 1]
 
 
 @dataclasses.dataclass(slots=True)
@@ -1204,13 +1209,16 @@ class _Trip:
                 self.slots.setdefault(slot, []).append((n, part))
                 if part.ops:
                     self.tenants.add(slot[3:-1])
-        self.calls: list[tuple[str, list[str], bytes]] = []  # (slot, keys, payload)
+        self.calls: list[tuple[str, list[str], bytes, list[str]]] = []  # (slot, keys, payload, datas)
         for slot, parts in self.slots.items():
             keys = [slot + ":turn"]
+            datas: list[str] = []
+            payload = []
             for _n, part in parts:
                 keys += part.keys
-            payload = to_json([(part.checks, part.ops, part.moves) for _n, part in parts])
-            self.calls.append((slot, list(dict.fromkeys(keys)), payload))
+                payload.append((part.checks, part.ops, part.moves, 2 + len(datas)))  # (ARGV 1, 2: payload, owner)
+                datas += part.datas
+            self.calls.append((slot, list(dict.fromkeys(keys)), to_json(payload), datas))
 
     def mset(self) -> tuple[str, ...]:
         """The pointers as one command (a standalone Redis: on one connection, it runs before the scripts)."""
@@ -1218,7 +1226,8 @@ class _Trip:
 
     def scripts(self, store: RedisStore) -> list[tuple[Any, ...]]:
         return [
-            ("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner) for _s, keys, payload in self.calls
+            ("EVALSHA", store.commit_sha, len(keys), *keys, payload, store.owner, *datas)
+            for _s, keys, payload, datas in self.calls
         ]
 
     def read(self, store: RedisStore, results: Sequence[Any]) -> list[dict[str, Any]]:
@@ -1226,7 +1235,7 @@ class _Trip:
             store.remember_pointer(pointer, value)
         plans, slots = self.plans, self.slots
         answers: list[dict[str, Any]] = [{} for _ in plans]
-        for (slot, _keys, _payload), result in zip(self.calls, results, strict=True):
+        for (slot, _keys, _payload, _datas), result in zip(self.calls, results, strict=True):
             result = from_json(result)
             for n, _part in slots[slot]:
                 answers[n][slot] = TURN if result == "turn" else None
