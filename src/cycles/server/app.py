@@ -172,7 +172,7 @@ def app_from_env() -> RuntimeDispatcher:
     interval = float(os.environ.get("CYCLES_SWEEP_INTERVAL") or 1.0)
     webhook_interval = float(os.environ.get("CYCLES_WEBHOOK_INTERVAL") or 1.0)
     ledger = Ledger(open_store(url))
-    app = create_app(
+    return create_app(
         ledger,
         admin_api_key=os.environ.get("CYCLES_ADMIN_API_KEY") or None,
         sweep_interval=interval or None,
@@ -180,7 +180,6 @@ def app_from_env() -> RuntimeDispatcher:
         webhook_lease_ms=int(os.environ.get("CYCLES_WEBHOOK_LEASE_MS") or 30_000),
         webhook_allow_private=os.environ.get("CYCLES_WEBHOOK_ALLOW_PRIVATE", "") in ("1", "true", "yes"),
     )
-    return app
 
 
 def served_app() -> RuntimeDispatcher:

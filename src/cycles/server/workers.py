@@ -22,24 +22,22 @@ import sys
 import threading
 from typing import Any
 
-log = logging.getLogger("cycles.serve")
+from uvicorn.config import STARTUP_FAILURE  # the exit code of a worker whose app failed to start
 
-STARTUP_FAILURE = 3  # uvicorn's exit code for a worker whose app failed to start
+log = logging.getLogger("cycles.serve")
 
 
 def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def listening_socket(host: str, port: int, *, listen: bool = False) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT: the kernel balances connections over every listening
-    socket of the group."""
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT: the kernel balances connections over every socket of
+    the group that listens (uvicorn makes a worker's listen)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    if listen:
-        sock.listen(2048)
     return sock
 
 
@@ -52,7 +50,7 @@ def claim_port(host: str, port: int) -> socket.socket:
             probe.bind((host, port))  # without SO_REUSEPORT: refused while any socket holds the port
         finally:
             probe.close()
-    return listening_socket(host, port)
+    return reuseport_socket(host, port)
 
 
 def serve(config: dict[str, Any], workers: int, graceful_timeout: float) -> int:
@@ -101,4 +99,4 @@ def _worker(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the w
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(**config))
-    server.run(sockets=[listening_socket(config["host"], config["port"])])
+    server.run(sockets=[reuseport_socket(config["host"], config["port"])])
