@@ -266,17 +266,12 @@ _BUDGET, _RES, _TENANT, _KEY, _EVENT, _POLICY = map(
 )
 
 
-@functools.cache  # one per record type (each has several fields: a tuple)
-def _getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    return operator.attrgetter(*names)  # type: ignore[return-value]
-
-
 def _joined(record: str, reserved: Any, spent: Any, static: str) -> str:
     """A budget as the cache holds it: its record, the counters the script moves, the version of the rest."""
     return f"{record}\0{reserved}\0{spent}\0{static}"
 
 
-_COPY = {cls: _getter(_fields(cls)) for cls in (BudgetRecord, TenantRecord)}
+_COPY = {cls: operator.attrgetter(*_fields(cls)) for cls in (BudgetRecord, TenantRecord)}  # its fields, in order
 
 
 def _record(parsed: dict[str, tuple[str, Any]], key: str, data: str, cls: type) -> Any:
@@ -385,7 +380,8 @@ class RedisTransaction:
         return [objects[k] for k in keys]
 
     def _put(self, key: str, value: Any, names: tuple[str, ...] | None, *, observed: bool = False) -> None:
-        """Write a record (its fields `names`) or plain JSON data (names None) at commit."""
+        """Write a record (`names`: its type's fields, _BUDGET marking a budget) or plain JSON data (names None) at
+        commit."""
         self._writes.pop(key, None)  # re-inserted: the order of last writes picks the operation's own slot
         self._moves.pop(key, None)  # a budget written whole: its moves are in the record
         self._writes[key] = (value, names)

@@ -130,7 +130,7 @@ class WriteLock:
         else:
             self._run_batch()
 
-    def _run_batch(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def _run_batch(self) -> None:
         batch, self._batch = self._batch, []
         if self.on_batch is not None:
             self.on_batch(len(batch))
